@@ -1,0 +1,102 @@
+"""``napari-cpgcn`` command line: ``main(argv) -> exit code``.
+
+Each subcommand lives in its own module ``napari_cpgcn.cli._<name>`` exposing
+``register(subparsers)``, which adds a parser with ``set_defaults(func=run)``;
+``run(args) -> int`` returns an exit code. Heavy imports happen inside ``run`` so that
+``napari-cpgcn --help`` is fast.
+
+Exit codes that scripts can trust:
+0 success, 1 failure, 2 bad usage, 3 partial (some images failed, the rest done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from napari_cpgcn import __version__
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+
+#: Subcommand modules, in the order ``--help`` lists them.
+SUBCOMMANDS: list[str] = [
+    "_synth",
+]
+
+log = logging.getLogger("napari_cpgcn")
+
+
+class UsageError(Exception):
+    """Bad arguments or inputs detected before work starts (exit code 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="napari-cpgcn",
+        description="Single-cell protein localisation in Human Protein Atlas images (CP-GCN).",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-cpgcn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"napari_cpgcn.cli.{name}").register(sub)
+    return parser
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """``--quiet`` / ``--verbose``, shared by every subcommand."""
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def setup_logging(args: argparse.Namespace, logfile: str | None = None) -> None:
+    """Console logging by verbosity, plus a log file (e.g. in the output folder)."""
+    level = logging.DEBUG if getattr(args, "verbose", False) else (
+        logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    root = logging.getLogger("napari_cpgcn")
+    root.setLevel(logging.DEBUG)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(level)
+    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root.addHandler(console)
+    if logfile:
+        fh = logging.FileHandler(logfile)
+        fh.setLevel(logging.DEBUG)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(fh)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (also used by the console script)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on bad usage, 0 on --help
+        return int(e.code or 0)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    setup_logging(args)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        log.error("%s", e)
+        return EXIT_USAGE
+    except (FileNotFoundError, ValueError) as e:
+        # Input problems found by the core: the message names the file and the fix.
+        log.error("%s", e)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        log.error("interrupted; finished outputs are kept, rerun to resume")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
