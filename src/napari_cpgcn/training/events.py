@@ -1,0 +1,68 @@
+"""Typed progress events shared by every long job (trainers, pipeline, batch prediction).
+
+Long work is a generator of :class:`Event`; the CLI drains it into progress bars, the GUI
+wraps it in a napari ``thread_worker`` and updates widgets per event. Stopping is cooperative:
+the generator checks a ``should_stop`` callable between batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+__all__ = ["EventKind", "Event", "StopFlag", "ShouldStop"]
+
+
+class EventKind(str, Enum):
+    """What an event reports."""
+
+    STAGE_START = "stage_start"   # a pipeline stage begins (stage, message)
+    STAGE_END = "stage_end"       # a stage finished (or was skipped: message says so)
+    EPOCH_START = "epoch_start"
+    BATCH = "batch"               # one optimisation / inference batch (loss, batch, n_batches)
+    EPOCH_END = "epoch_end"       # metrics hold the epoch's train loss and validation metrics
+    CHECKPOINT = "checkpoint"     # path of a checkpoint just written
+    ITEM = "item"                 # one item done (an image in segmentation/prediction)
+    LOG = "log"                   # a free-text message
+    STOPPED = "stopped"           # stop request honoured; the latest checkpoint is kept
+    DONE = "done"                 # the whole job finished; ``result`` may hold its output
+
+
+@dataclass
+class Event:
+    """One progress report.
+
+    Only the fields that make sense for ``kind`` are set; the rest keep their defaults.
+    """
+
+    kind: EventKind
+    stage: str = ""
+    epoch: int = 0
+    n_epochs: int = 0
+    batch: int = 0
+    n_batches: int = 0
+    loss: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+    path: str = ""
+    result: object = None
+
+
+ShouldStop = Callable[[], bool]
+
+
+class StopFlag:
+    """A thread-safe enough stop request (a bool set from the GUI thread, read by the worker)."""
+
+    def __init__(self) -> None:
+        self._stop = False
+
+    def set(self) -> None:
+        self._stop = True
+
+    def clear(self) -> None:
+        self._stop = False
+
+    def __call__(self) -> bool:
+        return self._stop

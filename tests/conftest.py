@@ -1,0 +1,31 @@
+"""Shared fixtures: paths to the real HPA samples in ../shared/data and small synthetic data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("NAPARI_CPGCN_SHARED_DATA", REPO.parent / "shared" / "data"))
+HPA_SAMPLES = SHARED_DATA / "hpa-samples"
+
+KAGGLE2021_IDS = ("000a6c98-bb9b-11e8-b2b9-ac1f6b6435d0", "b6a469d8-bbad-11e8-b2ba-ac1f6b6435d0")
+KAGGLE2018_ID = "837e738c-bba8-11e8-b2ba-ac1f6b6435d0"
+ARCHIVE_JPEG_IDS = ("800_A6_1", "B2AI_1_Paclitaxel_C1_R1_z01")
+
+
+@pytest.fixture(scope="session")
+def hpa_samples() -> Path:
+    """The folder of real HPA images (skips when the shared data is absent)."""
+    if not HPA_SAMPLES.is_dir():
+        pytest.skip(f"shared data not found at {HPA_SAMPLES}")
+    return HPA_SAMPLES
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
