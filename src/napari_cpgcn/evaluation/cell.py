@@ -1,0 +1,376 @@
+"""Cell-level evaluation: the Kaggle HPA 2021 metric and pseudo-label precision / recall / F1.
+
+The Kaggle 2021 metric is the Open Images instance-segmentation AP at IoU ≥ 0.6:
+
+* every predicted cell carries one confidence per class (one ``class confidence mask``
+  triple of a submission);
+* per class, the predictions of all images are ranked by confidence; within an image each
+  prediction is matched to the true cell *of that class* with the highest IoU with it; it is
+  a true positive when that IoU is ≥ 0.6 and that true cell was not matched by a
+  higher-ranked prediction, otherwise a false positive; true cells of the class that no
+  prediction matched are false negatives (they lower the recall);
+* AP = area under the precision/recall curve with precision made monotonically
+  non-increasing (the VOC / Open Images rule);
+* mAP = mean of the per-class APs over the classes with at least one true cell.
+
+No Qt, no torch. Works image by image (:class:`CellAPAccumulator`) so memory does not grow
+with the number of images beyond one score record per (predicted cell, class).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from napari_cpgcn.classes import N_CLASSES, SHORT_NAMES
+
+__all__ = [
+    "KAGGLE_IOU",
+    "iou_matrix",
+    "match_cells",
+    "average_precision",
+    "CellAPAccumulator",
+    "CellMAPResult",
+    "cell_map",
+    "PseudoLabelScores",
+    "pseudo_label_scores",
+]
+
+#: IoU a predicted cell needs with a true cell to count as the same cell (Kaggle 2021).
+KAGGLE_IOU = 0.6
+
+
+def iou_matrix(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IoU of every predicted cell with every true cell of one image.
+
+    Parameters
+    ----------
+    pred, true
+        (Y, X) integer label images of the same shape, 0 = background.
+
+    Returns
+    -------
+    iou : numpy.ndarray
+        (n_pred, n_true) float64.
+    pred_ids, true_ids : numpy.ndarray
+        The label ids of the rows / columns (ids present in the images, sorted).
+    """
+    pred = np.asarray(pred)
+    true = np.asarray(true)
+    if pred.shape != true.shape:
+        raise ValueError(f"predicted mask {pred.shape} and true mask {true.shape} differ in shape")
+    # Compact the ids so the contingency table is (n_pred+1) x (n_true+1), whatever the ids are.
+    pred_ids, p = np.unique(pred.ravel(), return_inverse=True)
+    true_ids, t = np.unique(true.ravel(), return_inverse=True)
+    np_, nt = len(pred_ids), len(true_ids)
+    cont = np.bincount(p.astype(np.int64) * nt + t, minlength=np_ * nt).reshape(np_, nt)
+    area_p = cont.sum(1)
+    area_t = cont.sum(0)
+    # Drop the background row / column.
+    pk = pred_ids != 0
+    tk = true_ids != 0
+    inter = cont[np.ix_(pk, tk)].astype(np.float64)
+    union = area_p[pk][:, None] + area_t[tk][None, :] - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    return iou, pred_ids[pk], true_ids[tk]
+
+
+def match_cells(pred: np.ndarray, true: np.ndarray, iou_threshold: float = KAGGLE_IOU
+                ) -> list[tuple[int, int, float]]:
+    """One-to-one matches ``(pred id, true id, IoU)`` at IoU ≥ ``iou_threshold``.
+
+    For thresholds ≥ 0.5 a match is unique by construction (two cells cannot both overlap
+    one cell by more than half), so greedy highest-IoU-first matching is optimal.
+    """
+    iou, pids, tids = iou_matrix(pred, true)
+    pairs = np.argwhere(iou >= iou_threshold)
+    order = np.argsort(-iou[pairs[:, 0], pairs[:, 1]], kind="stable")
+    used_p: set[int] = set()
+    used_t: set[int] = set()
+    out = []
+    for i, j in pairs[order]:
+        if i in used_p or j in used_t:
+            continue
+        used_p.add(i)
+        used_t.add(j)
+        out.append((int(pids[i]), int(tids[j]), float(iou[i, j])))
+    return out
+
+
+def average_precision(scores: np.ndarray, tp: np.ndarray, n_true: int) -> float:
+    """Open Images / VOC AP of ranked detections.
+
+    Parameters
+    ----------
+    scores
+        Confidence of each detection.
+    tp
+        1 for a true positive, 0 for a false positive (same order as ``scores``).
+    n_true
+        Number of true instances (the recall denominator).
+
+    Returns
+    -------
+    float
+        AP in [0, 1]; NaN when ``n_true`` is 0.
+    """
+    if n_true == 0:
+        return float("nan")
+    if len(scores) == 0:
+        return 0.0
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    tp = np.asarray(tp, dtype=np.float64)[order]
+    ctp = np.cumsum(tp)
+    cfp = np.cumsum(1.0 - tp)
+    recall = ctp / n_true
+    precision = ctp / np.maximum(ctp + cfp, 1e-12)
+    # Envelope: precision at recall r = max precision at any recall >= r.
+    precision = np.concatenate([[0.0], precision, [0.0]])
+    recall = np.concatenate([[0.0], recall, [1.0]])
+    for i in range(len(precision) - 2, -1, -1):
+        precision[i] = max(precision[i], precision[i + 1])
+    idx = np.flatnonzero(recall[1:] != recall[:-1]) + 1
+    return float(np.sum((recall[idx] - recall[idx - 1]) * precision[idx]))
+
+
+@dataclass
+class CellMAPResult:
+    """Outcome of the cell-level metric.
+
+    Attributes
+    ----------
+    map : float
+        Mean AP over the classes with at least one true cell (NaN if none).
+    ap : numpy.ndarray
+        (19,) per-class AP (NaN for classes without true cells).
+    n_true : numpy.ndarray
+        (19,) number of true cells per class.
+    n_images : int
+        Number of images evaluated.
+    """
+
+    map: float
+    ap: np.ndarray
+    n_true: np.ndarray
+    n_images: int
+
+    def as_dict(self) -> dict[str, float]:
+        """``{"cell_mAP": .., "AP_<short name>": ..}`` (classes without true cells omitted)."""
+        out = {"cell_mAP": self.map}
+        for k, s in enumerate(SHORT_NAMES):
+            if self.n_true[k] > 0:
+                out[f"AP_{s}"] = float(self.ap[k])
+        return out
+
+
+@dataclass
+class CellAPAccumulator:
+    """Accumulate the Kaggle cell-level metric image by image.
+
+    Examples
+    --------
+    >>> acc = CellAPAccumulator()
+    >>> acc.add(pred_cells, pred_ids, pred_scores, true_cells, true_ids, true_labels)  # doctest: +SKIP
+    >>> acc.result().map  # doctest: +SKIP
+    """
+
+    iou_threshold: float = KAGGLE_IOU
+    n_classes: int = N_CLASSES
+    _scores: list[list[np.ndarray]] = field(default_factory=list, repr=False)
+    _tp: list[list[np.ndarray]] = field(default_factory=list, repr=False)
+    _n_true: np.ndarray | None = field(default=None, repr=False)
+    _n_images: int = 0
+
+    def __post_init__(self) -> None:
+        self._scores = [[] for _ in range(self.n_classes)]
+        self._tp = [[] for _ in range(self.n_classes)]
+        self._n_true = np.zeros(self.n_classes, dtype=np.int64)
+
+    def add(
+        self,
+        pred_cells: np.ndarray,
+        pred_ids: np.ndarray,
+        pred_scores: np.ndarray,
+        true_cells: np.ndarray,
+        true_ids: np.ndarray,
+        true_labels: np.ndarray,
+    ) -> None:
+        """Add one image.
+
+        Parameters
+        ----------
+        pred_cells
+            (Y, X) predicted label image.
+        pred_ids
+            (n,) label ids of the predicted cells that carry scores.
+        pred_scores
+            (n, 19) confidence per predicted cell and class.
+        true_cells
+            (Y, X) true label image.
+        true_ids
+            (m,) label ids of the true cells.
+        true_labels
+            (m, 19) multi-hot labels of the true cells.
+        """
+        pred_ids = np.asarray(pred_ids, dtype=np.int64)
+        pred_scores = np.asarray(pred_scores, dtype=np.float64).reshape(len(pred_ids), self.n_classes)
+        true_ids = np.asarray(true_ids, dtype=np.int64)
+        true_labels = np.asarray(true_labels).astype(bool).reshape(len(true_ids), self.n_classes)
+        iou, pids, tids = iou_matrix(pred_cells, true_cells)
+        # Rows for the scored predictions, columns for the labelled true cells (a predicted id
+        # absent from the mask overlaps nothing; a true id absent from the mask cannot be hit).
+        r = np.searchsorted(pids, pred_ids)
+        vp = (r < len(pids)) & (pids[np.minimum(r, len(pids) - 1)] == pred_ids) if len(pids) else np.zeros(len(pred_ids), bool)
+        c = np.searchsorted(tids, true_ids)
+        vt = (c < len(tids)) & (tids[np.minimum(c, len(tids) - 1)] == true_ids) if len(tids) else np.zeros(len(true_ids), bool)
+        iou_s = np.zeros((len(pred_ids), len(true_ids)))
+        iou_s[np.ix_(vp, vt)] = iou[np.ix_(r[vp], c[vt])]
+        self._n_true += true_labels.sum(0)
+        self._n_images += 1
+        for k in range(self.n_classes):
+            scores = pred_scores[:, k]
+            if len(scores) == 0:
+                continue
+            gt = np.flatnonzero(true_labels[:, k])
+            tp = np.zeros(len(scores), dtype=np.uint8)
+            if len(gt):
+                sub = iou_s[:, gt]
+                best = sub.argmax(1)
+                best_iou = sub[np.arange(len(scores)), best]
+                taken = np.zeros(len(gt), dtype=bool)
+                for a in np.argsort(-scores, kind="stable"):
+                    if best_iou[a] >= self.iou_threshold and not taken[best[a]]:
+                        taken[best[a]] = True
+                        tp[a] = 1
+            self._scores[k].append(scores)
+            self._tp[k].append(tp)
+
+    def result(self) -> CellMAPResult:
+        """Per-class AP and mAP over everything added so far."""
+        ap = np.full(self.n_classes, np.nan)
+        for k in range(self.n_classes):
+            if self._n_true[k] == 0:
+                continue
+            s = np.concatenate(self._scores[k]) if self._scores[k] else np.zeros(0)
+            t = np.concatenate(self._tp[k]) if self._tp[k] else np.zeros(0)
+            ap[k] = average_precision(s, t, int(self._n_true[k]))
+        valid = self._n_true > 0
+        m = float(np.nanmean(ap[valid])) if valid.any() else float("nan")
+        return CellMAPResult(m, ap, self._n_true.copy(), self._n_images)
+
+
+def _scores_from_table(table, image_id: str, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = table[table["image_id"] == image_id]
+    cols = [f"{prefix}{s}" for s in SHORT_NAMES]
+    missing = [c for c in cols if c not in rows.columns]
+    if missing:
+        raise KeyError(f"per-cell table lacks the columns {missing[:3]}...; expected {prefix}<class short name>")
+    return rows["cell_id"].to_numpy(np.int64), rows[cols].to_numpy(np.float64)
+
+
+def cell_map(
+    pred_masks: Mapping[str, np.ndarray],
+    pred_table,
+    true_masks: Mapping[str, np.ndarray],
+    true_labels: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    score_prefix: str = "fused_",
+    iou_threshold: float = KAGGLE_IOU,
+    image_ids: Iterable[str] | None = None,
+) -> CellMAPResult:
+    """Kaggle 2021 cell-level mAP of a per-cell prediction table.
+
+    Parameters
+    ----------
+    pred_masks
+        ``{image id: (Y, X) predicted label image}``.
+    pred_table
+        Per-cell DataFrame with ``image_id``, ``cell_id`` and ``{score_prefix}{short name}`` columns.
+    true_masks
+        ``{image id: (Y, X) true label image}``.
+    true_labels
+        ``{image id: (true cell ids (m,), multi-hot labels (m, 19))}``.
+    score_prefix
+        Which scores to rank: ``"fused_"``, ``"cell_"`` or ``"image_"``.
+    image_ids
+        Images to evaluate (default: every image of ``true_masks``); an image without
+        predictions contributes only false negatives.
+    """
+    acc = CellAPAccumulator(iou_threshold=iou_threshold)
+    for iid in (image_ids if image_ids is not None else sorted(true_masks)):
+        tmask = np.asarray(true_masks[iid])
+        tids, tlab = true_labels[iid]
+        if iid in pred_masks:
+            pids, sc = _scores_from_table(pred_table, iid, score_prefix)
+            pmask = np.asarray(pred_masks[iid])
+        else:
+            pids, sc = np.zeros(0, np.int64), np.zeros((0, N_CLASSES))
+            pmask = np.zeros_like(tmask)
+        acc.add(pmask, pids, sc, tmask, tids, tlab)
+    return acc.result()
+
+
+@dataclass
+class PseudoLabelScores:
+    """Precision / recall / F1 of cell pseudo-labels against cell truth.
+
+    Attributes
+    ----------
+    precision, recall, f1 : float
+        Micro-averaged over every (matched cell, class) pair.
+    macro_f1 : float
+        Mean F1 over the classes present in the truth or the pseudo-labels.
+    per_class_f1 : numpy.ndarray
+        (19,) F1 per class (NaN where the class appears in neither).
+    n_cells : int
+        Number of cells compared (pseudo-labelled cells matched to true cells).
+    n_unmatched : int
+        Pseudo-labelled cells without a true cell at the IoU threshold (not scored).
+    """
+
+    precision: float
+    recall: float
+    f1: float
+    macro_f1: float
+    per_class_f1: np.ndarray
+    n_cells: int
+    n_unmatched: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"precision": self.precision, "recall": self.recall, "f1": self.f1,
+                "macro_f1": self.macro_f1, "n_cells": self.n_cells, "n_unmatched": self.n_unmatched}
+
+
+def _prf(tp: float, fp: float, fn: float) -> tuple[float, float, float]:
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    f = 2 * p * r / (p + r) if p + r else 0.0
+    return p, r, f
+
+
+def pseudo_label_scores(pred: np.ndarray, true: np.ndarray, n_unmatched: int = 0) -> PseudoLabelScores:
+    """Compare multi-hot cell labels row by row.
+
+    Parameters
+    ----------
+    pred, true
+        (n_cells, 19) multi-hot pseudo-labels and true labels of the same cells (matched
+        beforehand, e.g. with :func:`match_cells`).
+    n_unmatched
+        Reported as is (cells that could not be compared).
+    """
+    pred = np.asarray(pred).astype(bool)
+    true = np.asarray(true).astype(bool)
+    if pred.shape != true.shape:
+        raise ValueError(f"pseudo-labels {pred.shape} and truth {true.shape} differ in shape")
+    tp = (pred & true).sum(0).astype(float)
+    fp = (pred & ~true).sum(0).astype(float)
+    fn = (~pred & true).sum(0).astype(float)
+    p, r, f = _prf(tp.sum(), fp.sum(), fn.sum())
+    per = np.full(pred.shape[1], np.nan)
+    for k in range(pred.shape[1]):
+        if tp[k] + fp[k] + fn[k] > 0:
+            per[k] = _prf(tp[k], fp[k], fn[k])[2]
+    macro = float(np.nanmean(per)) if np.isfinite(per).any() else 0.0
+    return PseudoLabelScores(p, r, f, macro, per, int(pred.shape[0]), n_unmatched)
