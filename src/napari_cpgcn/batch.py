@@ -1,0 +1,866 @@
+"""Folder prediction: streaming, resumable, atomic, fault tolerant.
+
+:func:`predict_folder` runs a trained pipeline (:class:`napari_cpgcn.pipeline.Predictor`) over
+every image of a folder and writes, under ``OUT_DIR``::
+
+    masks/{ID}.tif              cell instance mask (uint32, 0 = background, ids = cell_id)
+    cams/{ID}.tif               optional: (19, Y, X) uint8 CAMs (probability x 255)
+    parts/{ID}.cells.csv        the image's per-cell rows
+    parts/{ID}.image.csv        the image's image-level row
+    parts/{ID}.submission.csv   optional: the image's Kaggle submission row
+    parts/{ID}.done.json        written last: the image is finished (resume skips it)
+    parts/{ID}.failed.json      the image failed (stage, error); removed once it succeeds
+    cells.csv                   every cell of every finished image (assembled at the end)
+    images.csv                  one row per finished image (assembled at the end)
+    submission.csv              optional, Kaggle 2021 format (assembled at the end)
+    failures.csv                image_id, stage, error of every image that failed
+    run.json                    the settings and the summary of the last run
+
+Design
+------
+* **Per-image work is a pure function** of (input folder, image id, model, output folder,
+  :class:`BatchOptions`): :func:`process_image` reads, predicts and writes one image's outputs,
+  each file atomically (temporary file in the same folder, then ``os.replace``), the done
+  marker last. It returns a small picklable :class:`ImageRecord`, so a Dask worker can run it
+  (the predictor is loaded once per process by :func:`load_predictor`).
+* **Streaming**: the in-process engine splits that work into read (a thread pool reading
+  ahead), predict (the calling thread) and write (a writer thread), so reading and writing
+  overlap with compute; at most ``2 * batch_size`` images are read ahead and ``batch_size``
+  wait for their writes, whatever the number of images.
+* **Run-level CSVs are assembled** from the per-image parts by :func:`assemble_outputs`, which
+  streams them into a temporary file and renames it: a crash never leaves a truncated
+  ``cells.csv``; rerunning skips finished images (their done marker) and re-assembles.
+* **Faults**: an image that cannot be read or predicted is logged, gets a ``failed`` marker and
+  a row in ``failures.csv``, and the run goes on.
+
+No Qt; torch is imported only when a predictor is loaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_cpgcn.celltable import PREDICTION_COLUMNS
+from napari_cpgcn.classes import CLASS_NAMES, N_CLASSES, SHORT_NAMES
+from napari_cpgcn.io.hpa import HPAImage, list_image_ids, read_image, resolve_images_dir
+from napari_cpgcn.io.tables import atomic_write_text
+from napari_cpgcn.training.events import Event, EventKind, ShouldStop
+
+__all__ = [
+    "BatchOptions",
+    "ImageRecord",
+    "BatchSummary",
+    "BatchConfigError",
+    "CELL_COLUMNS",
+    "IMAGE_COLUMNS",
+    "FAILURE_COLUMNS",
+    "STAGES",
+    "predict_folder",
+    "run_predict_folder",
+    "process_image",
+    "read_input",
+    "predict_image",
+    "write_image_outputs",
+    "assemble_outputs",
+    "load_predictor",
+    "resolve_model_path",
+    "model_fingerprint",
+    "is_done",
+    "image_paths",
+    "top_classes",
+]
+
+log = logging.getLogger(__name__)
+
+#: Per-cell CSV columns (the package-wide per-cell table, plus ``top_classes``).
+CELL_COLUMNS: tuple[str, ...] = (*PREDICTION_COLUMNS, "top_classes")
+#: Image-level CSV columns.
+IMAGE_COLUMNS: tuple[str, ...] = (
+    "image_id", "height", "width", "n_cells", "top_classes", *(f"image_{s}" for s in SHORT_NAMES),
+)
+FAILURE_COLUMNS: tuple[str, ...] = ("image_id", "stage", "error")
+SUBMISSION_COLUMNS: tuple[str, ...] = ("ID", "ImageWidth", "ImageHeight", "PredictionString")
+#: Stages timed per image (``predict`` holds segmentation + image model + cell model, which the
+#: predictor may report separately as ``segment``, ``image_model``, ``cell_model``).
+STAGES: tuple[str, ...] = ("read", "predict", "write")
+
+_FLOAT_FORMAT = "%.6g"
+_RUN_JSON = "run.json"
+
+
+class BatchConfigError(ValueError):
+    """The output folder holds a run made with other settings; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """Settings of a folder prediction (picklable; the same on every worker).
+
+    Attributes
+    ----------
+    segmentation : str
+        Cell segmentation method passed to the predictor (``"classical"``, ``"cellpose"``, ...).
+    device : str
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+    batch_size : int
+        Images in flight per stage: up to ``2 * batch_size`` are read ahead and up to
+        ``batch_size`` wait for their writes. Memory grows with it, not with the folder size.
+    workers : int
+        Reader threads (decoding PNG/JPEG releases the GIL, so 2-4 overlap well with compute).
+    save_cams : bool
+        Also write ``cams/{ID}.tif`` (19, Y, X) uint8, probability x 255.
+    submission : bool
+        Also write ``submission.csv`` (Kaggle 2021: every cell x every class, fused confidence).
+    overwrite : bool
+        Redo every image even when a finished one is in the output folder.
+    top_threshold : float
+        A class is listed in ``top_classes`` when its (fused / image) probability reaches this.
+    """
+
+    segmentation: str = "classical"
+    device: str = "auto"
+    batch_size: int = 4
+    workers: int = 2
+    save_cams: bool = False
+    submission: bool = False
+    overwrite: bool = False
+    top_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+
+
+@dataclass
+class ImageRecord:
+    """What happened to one image (picklable; the done / failed marker holds it as JSON).
+
+    Attributes
+    ----------
+    image_id : str
+    status : str
+        ``"done"`` (predicted now), ``"skipped"`` (finished by an earlier run) or ``"failed"``.
+    height, width, n_cells : int
+    seconds : dict[str, float]
+        Wall time per stage (``read``, ``predict``, ``write`` and any stage the predictor reports).
+    stage, error : str
+        For failures: the stage that failed and the error message.
+    cams, submission : bool
+        Whether the CAM TIFF / submission part was written.
+    """
+
+    image_id: str
+    status: str = "done"
+    height: int = 0
+    width: int = 0
+    n_cells: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    stage: str = ""
+    error: str = ""
+    cams: bool = False
+    submission: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ImageRecord:
+        d = json.loads(text)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class BatchSummary:
+    """The outcome of :func:`predict_folder` (the ``result`` of its DONE event).
+
+    Attributes
+    ----------
+    n_images : int
+        Images in the input folder.
+    n_done, n_skipped, n_failed : int
+        Predicted in this run / finished by an earlier run / failed.
+    failures : list[ImageRecord]
+        The failed images (also in ``failures.csv``).
+    seconds : float
+        Wall time of the whole run.
+    seconds_by_stage : dict[str, float]
+        Mean seconds per predicted image for each stage.
+    paths : dict[str, str]
+        ``cells``, ``images``, ``failures``, ``submission`` (when written), ``out_dir``.
+    n_cells : int
+        Rows of ``cells.csv``.
+    stopped : bool
+        True when a stop request ended the run early (run-level CSVs not assembled).
+    """
+
+    n_images: int = 0
+    n_done: int = 0
+    n_skipped: int = 0
+    n_failed: int = 0
+    failures: list[ImageRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    seconds_by_stage: dict[str, float] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
+    n_cells: int = 0
+    stopped: bool = False
+
+    @property
+    def images_per_second(self) -> float:
+        return self.n_done / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["failures"] = [{"image_id": f.image_id, "stage": f.stage, "error": f.error} for f in self.failures]
+        d["images_per_second"] = self.images_per_second
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Paths, markers, atomic writes
+# --------------------------------------------------------------------------------------------
+
+def image_paths(out_dir: str | Path, image_id: str) -> dict[str, Path]:
+    """Where one image's outputs go."""
+    out = Path(out_dir)
+    parts = out / "parts"
+    return {
+        "mask": out / "masks" / f"{image_id}.tif",
+        "cams": out / "cams" / f"{image_id}.tif",
+        "cells": parts / f"{image_id}.cells.csv",
+        "image": parts / f"{image_id}.image.csv",
+        "submission": parts / f"{image_id}.submission.csv",
+        "done": parts / f"{image_id}.done.json",
+        "failed": parts / f"{image_id}.failed.json",
+    }
+
+
+def _tmp_path(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def _atomic(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
+    tmp = _tmp_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_record(path: Path) -> ImageRecord | None:
+    try:
+        return ImageRecord.from_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def is_done(out_dir: str | Path, image_id: str, options: BatchOptions | None = None) -> bool:
+    """Whether ``image_id`` was finished by an earlier run (with CAMs, when ``options`` asks for them)."""
+    p = image_paths(out_dir, image_id)
+    if not (p["done"].is_file() and p["cells"].is_file() and p["image"].is_file() and p["mask"].is_file()):
+        return False
+    if options is not None and options.save_cams:
+        rec = _read_record(p["done"])
+        if rec is None or not rec.cams or not p["cams"].is_file():
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Model loading (one predictor per process)
+# --------------------------------------------------------------------------------------------
+
+def resolve_model_path(model: str | Path) -> Path:
+    """The run folder of ``model``: a run folder, or a checkpoint / file inside one.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the path does not exist or is not inside a trained run (no ``config.json``).
+    """
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model {path} does not exist; give a trained run folder (made by `napari-cpgcn train` "
+            "or `napari-cpgcn demo`) or a checkpoint inside one"
+        )
+    candidates = [path] if path.is_dir() else []
+    candidates += list(path.parents)[:3]
+    for c in candidates:
+        if (c / "config.json").is_file():
+            return c.resolve()
+    raise FileNotFoundError(
+        f"{path} is not a trained run: no config.json in it or its parent folders. Give the run "
+        "folder written by `napari-cpgcn train OUT` (it holds config.json, image_model/, cell_model/)."
+    )
+
+
+def model_fingerprint(model: str | Path | Any) -> str:
+    """A short hash identifying a model: its run folder and the size / mtime of its checkpoints.
+
+    Used to refuse resuming into an output folder made with another model, and as the key of
+    the per-process predictor cache.
+    """
+    if not isinstance(model, (str, Path)):
+        run_dir = getattr(model, "run_dir", None)
+        if run_dir is None:
+            return f"object:{type(model).__module__}.{type(model).__qualname__}"
+        model = run_dir
+    run = resolve_model_path(model)
+    h = hashlib.sha1(str(run).encode())
+    for f in sorted(run.rglob("*")):
+        if f.suffix in (".pt", ".pth", ".safetensors", ".json") and f.is_file():
+            st = f.stat()
+            h.update(f"{f.relative_to(run)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+_PREDICTOR_LOCK = threading.Lock()
+_PREDICTOR_CACHE: dict[tuple[str, str, str], Any] = {}
+
+
+def load_predictor(model: str | Path | Any, device: str = "auto") -> Any:
+    """The predictor of ``model``, loaded once per process and cached.
+
+    ``model`` may be a run folder, a checkpoint inside one, or an already loaded predictor
+    (anything with a ``predict`` method), which is returned as is. The cache keeps one
+    predictor (keyed by run folder, checkpoint fingerprint and device), so a Dask worker or a
+    GUI session that predicts many folders loads the weights once.
+    """
+    if not isinstance(model, (str, Path)):
+        if not hasattr(model, "predict"):
+            raise TypeError(f"model must be a run folder or a predictor, got {type(model).__name__}")
+        return model
+    run = resolve_model_path(model)
+    key = (str(run), model_fingerprint(run), str(device))
+    with _PREDICTOR_LOCK:
+        if key not in _PREDICTOR_CACHE:
+            from napari_cpgcn.pipeline import Predictor
+
+            _PREDICTOR_CACHE.clear()
+            log.info("loading model %s on device %s", run, device)
+            _PREDICTOR_CACHE[key] = Predictor.from_run(run, device=device)
+        return _PREDICTOR_CACHE[key]
+
+
+# --------------------------------------------------------------------------------------------
+# The three per-image steps
+# --------------------------------------------------------------------------------------------
+
+def read_input(input_dir: str | Path, image_id: str) -> HPAImage:
+    """Read one image of the input folder (any format :func:`napari_cpgcn.io.read_image` reads)."""
+    return read_image(input_dir, image_id=image_id)
+
+
+def predict_image(predictor: Any, image: HPAImage, options: BatchOptions) -> Any:
+    """Run the predictor on one image: segmentation, image model, cell model, fusion.
+
+    Returns the predictor's ``CellPrediction`` (``image_id``, ``image_probs`` (19,), ``cams``
+    (19, Y, X) or None, ``cells`` (Y, X) uint32, ``table``).
+    """
+    return predictor.predict(image, segmentation=options.segmentation, with_cams=options.save_cams)
+
+
+def top_classes(probs: np.ndarray, threshold: float) -> str:
+    """Short names of the classes with probability ≥ ``threshold``, best first, ``|``-joined."""
+    probs = np.asarray(probs, dtype=np.float64)
+    order = np.argsort(-probs, kind="stable")
+    return "|".join(SHORT_NAMES[k] for k in order if probs[k] >= threshold)
+
+
+def _cell_part(image_id: str, table, threshold: float):
+    import pandas as pd
+
+    df = pd.DataFrame(table).copy()
+    df["image_id"] = image_id
+    if len(df):
+        df = df.sort_values("cell_id", kind="stable").reset_index(drop=True)
+        fused = df[[f"fused_{s}" for s in SHORT_NAMES]].to_numpy(dtype=np.float64)
+        df["top_classes"] = [top_classes(row, threshold) for row in fused]
+    else:
+        df["top_classes"] = pd.Series(dtype=str)
+    missing = [c for c in CELL_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"the predictor's per-cell table lacks the columns {missing[:4]}")
+    extra = [c for c in df.columns if c not in CELL_COLUMNS]
+    return df[list(CELL_COLUMNS) + extra]
+
+
+def _image_part(image_id: str, probs: np.ndarray, height: int, width: int, n_cells: int,
+                threshold: float):
+    import pandas as pd
+
+    row = {"image_id": image_id, "height": height, "width": width, "n_cells": n_cells,
+           "top_classes": top_classes(probs, threshold)}
+    row.update({f"image_{s}": float(p) for s, p in zip(SHORT_NAMES, probs, strict=True)})
+    return pd.DataFrame([row], columns=list(IMAGE_COLUMNS))
+
+
+def _submission_line(image_id: str, cells: np.ndarray, cell_table) -> str:
+    """One Kaggle 2021 submission row: every cell x every class with its fused confidence."""
+    from napari_cpgcn.io.rle import encode_label_image, format_prediction_string
+
+    masks = encode_label_image(cells)
+    triples: list[tuple[int, float, str]] = []
+    fused_cols = [f"fused_{s}" for s in SHORT_NAMES]
+    for cid, row in zip(cell_table["cell_id"].to_numpy(), cell_table[fused_cols].to_numpy(np.float64), strict=True):
+        enc = masks.get(int(cid))
+        if enc is None:  # a table row without pixels in the mask cannot be submitted
+            continue
+        triples.extend((k, float(row[k]), enc) for k in range(N_CLASSES))
+    h, w = cells.shape
+    return f"{image_id},{w},{h},{format_prediction_string(triples)}\n"
+
+
+def _write_csv(path: Path, df) -> None:
+    _atomic(path, lambda tmp: df.to_csv(tmp, index=False, float_format=_FLOAT_FORMAT, lineterminator="\n"))
+
+
+def _write_mask(path: Path, cells: np.ndarray) -> None:
+    import tifffile
+
+    data = np.ascontiguousarray(cells, dtype=np.uint32)
+    _atomic(path, lambda tmp: tifffile.imwrite(tmp, data, compression="zlib", metadata=None))
+
+
+def _write_cams(path: Path, cams: np.ndarray) -> None:
+    import tifffile
+
+    q = np.clip(np.rint(np.asarray(cams, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+    desc = json.dumps({"axes": "CYX", "classes": list(CLASS_NAMES), "scale": 1 / 255})
+    _atomic(path, lambda tmp: tifffile.imwrite(tmp, q, compression="zlib", description=desc,
+                                               metadata=None))
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write_text(path, text)
+
+
+def write_image_outputs(out_dir: str | Path, prediction: Any, options: BatchOptions,
+                        seconds: dict[str, float] | None = None) -> ImageRecord:
+    """Write one image's outputs atomically, the done marker last; returns its record.
+
+    Parameters
+    ----------
+    out_dir
+        The run's output folder.
+    prediction
+        A ``CellPrediction`` (``image_id``, ``image_probs``, ``cams``, ``cells``, ``table``).
+    options
+        Which optional outputs to write.
+    seconds
+        Timings measured so far (read, predict); ``write`` is added.
+    """
+    t0 = time.perf_counter()
+    image_id = str(prediction.image_id)
+    p = image_paths(out_dir, image_id)
+    cells = np.asarray(prediction.cells)
+    height, width = cells.shape
+    cell_df = _cell_part(image_id, prediction.table, options.top_threshold)
+    _write_mask(p["mask"], cells)
+    wrote_cams = False
+    if options.save_cams:
+        if prediction.cams is None:
+            raise ValueError(f"{image_id}: the predictor returned no CAMs although save_cams is set")
+        _write_cams(p["cams"], prediction.cams)
+        wrote_cams = True
+    if options.submission:
+        _write_text(p["submission"], _submission_line(image_id, cells, cell_df))
+    _write_csv(p["cells"], cell_df)
+    _write_csv(p["image"], _image_part(image_id, np.asarray(prediction.image_probs), height, width,
+                                       len(cell_df), options.top_threshold))
+    secs = dict(seconds or {})
+    extra = getattr(prediction, "timings", None) or getattr(prediction, "seconds", None)
+    if isinstance(extra, dict):
+        for k, v in extra.items():
+            secs.setdefault(str(k), float(v))
+    secs["write"] = time.perf_counter() - t0
+    rec = ImageRecord(image_id, "done", int(height), int(width), int(len(cell_df)), secs,
+                      cams=wrote_cams, submission=options.submission)
+    _write_text(p["done"], rec.to_json())  # last: the image is finished
+    p["failed"].unlink(missing_ok=True)
+    return rec
+
+
+def _error_text(exc: BaseException) -> str:
+    msg = str(exc).strip().replace("\n", " ")
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def _record_failure(out_dir: str | Path, image_id: str, stage: str, exc: BaseException,
+                    seconds: dict[str, float] | None = None) -> ImageRecord:
+    """Log a failed image and leave its ``failed`` marker (stage and error)."""
+    rec = ImageRecord(image_id, "failed", seconds=dict(seconds or {}), stage=stage, error=_error_text(exc))
+    log.error("image %s failed while %s: %s", image_id, "reading" if stage == "read" else
+              f"in the {stage} step", rec.error)
+    log.debug("traceback of %s:\n%s", image_id, "".join(traceback.format_exception(exc)))
+    try:
+        _write_text(image_paths(out_dir, image_id)["failed"], rec.to_json())
+    except OSError as e:  # the failure itself is already logged and returned
+        log.error("cannot write the failure marker of %s: %s", image_id, e)
+    return rec
+
+
+def process_image(input_dir: str | Path, image_id: str, model: str | Path | Any,
+                  out_dir: str | Path, options: BatchOptions = BatchOptions()) -> ImageRecord:
+    """Read, predict and write one image: the unit of work of a batch (and of a Dask task).
+
+    A pure function of its arguments: the predictor comes from the per-process cache
+    (:func:`load_predictor`), every output is written atomically, the done marker last. An
+    image finished by an earlier run is skipped (unless ``options.overwrite``). Errors of the
+    image (unreadable file, failing prediction or write) are recorded and returned as a
+    ``failed`` record, never raised; interrupts (KeyboardInterrupt, SystemExit) propagate.
+    """
+    if not options.overwrite and is_done(out_dir, image_id, options):
+        rec = _read_record(image_paths(out_dir, image_id)["done"]) or ImageRecord(image_id)
+        rec.status = "skipped"
+        return rec
+    predictor = load_predictor(model, options.device)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    try:
+        image = read_input(input_dir, image_id)
+    except Exception as e:
+        return _record_failure(out_dir, image_id, "read", e)
+    seconds["read"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    try:
+        prediction = predict_image(predictor, image, options)
+    except Exception as e:
+        return _record_failure(out_dir, image_id, "predict", e, seconds)
+    seconds["predict"] = time.perf_counter() - t0
+    del image
+    try:
+        return write_image_outputs(out_dir, prediction, options, seconds)
+    except Exception as e:
+        return _record_failure(out_dir, image_id, "write", e, seconds)
+
+
+# --------------------------------------------------------------------------------------------
+# Assembly of the run-level files
+# --------------------------------------------------------------------------------------------
+
+def _concat_parts(parts: Iterable[Path], dest: Path, header: str) -> int:
+    """Stream CSV parts (each with ``header``) into ``dest`` atomically; returns the data rows."""
+    n = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal n
+        with open(tmp, "w", encoding="utf-8", newline="") as out:
+            out.write(header)
+            for part in parts:
+                with open(part, encoding="utf-8", newline="") as fh:
+                    first = fh.readline()
+                    if first != header:
+                        raise BatchConfigError(
+                            f"{part} has other columns than the run's {dest.name}; it was written by "
+                            "another version or with other settings. Rerun with --overwrite or use a "
+                            "new output folder."
+                        )
+                    for line in fh:
+                        out.write(line)
+                        n += 1
+
+    _atomic(dest, write)
+    return n
+
+
+def assemble_outputs(out_dir: str | Path, image_ids: Iterable[str],
+                     options: BatchOptions = BatchOptions(),
+                     failures: Iterable[ImageRecord] | None = None) -> dict[str, Any]:
+    """Build ``cells.csv``, ``images.csv``, ``failures.csv`` (and ``submission.csv``) from the parts.
+
+    Only the images of ``image_ids`` that are finished are included, in the given order
+    (sorted ids for :func:`predict_folder`), each image's cells sorted by cell id, so the
+    files are the same however the images were processed (one process, threads, Dask).
+    Memory does not grow with the number of images: the parts are streamed.
+
+    Parameters
+    ----------
+    failures
+        Failed images; by default read from the ``failed`` markers of unfinished images.
+
+    Returns
+    -------
+    dict
+        ``paths`` (name → file), ``n_cells``, ``n_images``, ``failures`` (list of records).
+    """
+    out = Path(out_dir)
+    ids = list(image_ids)
+    done = [i for i in ids if is_done(out, i)]
+    done_set = set(done)
+    header_cells = ",".join(CELL_COLUMNS) + "\n"
+    header_images = ",".join(IMAGE_COLUMNS) + "\n"
+    paths: dict[str, str] = {}
+    n_cells = _concat_parts((image_paths(out, i)["cells"] for i in done), out / "cells.csv", header_cells)
+    paths["cells"] = str(out / "cells.csv")
+    _concat_parts((image_paths(out, i)["image"] for i in done), out / "images.csv", header_images)
+    paths["images"] = str(out / "images.csv")
+    if options.submission:
+        _assemble_submission(out, done, out / "submission.csv")
+        paths["submission"] = str(out / "submission.csv")
+    if failures is None:
+        recs = []
+        for i in ids:
+            if i in done_set:
+                continue
+            r = _read_record(image_paths(out, i)["failed"])
+            if r is not None:
+                recs.append(r)
+    else:
+        recs = [r for r in failures if r.image_id not in done_set]
+    _write_failures(out / "failures.csv", recs)
+    paths["failures"] = str(out / "failures.csv")
+    return {"paths": paths, "n_cells": n_cells, "n_images": len(done), "failures": recs}
+
+
+def _assemble_submission(out: Path, done: list[str], dest: Path) -> None:
+    def lines() -> Iterator[str]:
+        for i in done:
+            p = image_paths(out, i)
+            if not p["submission"].is_file():  # finished before --submission was asked for
+                import pandas as pd
+                import tifffile
+
+                cells = tifffile.imread(p["mask"])
+                table = pd.read_csv(p["cells"])
+                _write_text(p["submission"], _submission_line(i, cells, table))
+            yield p["submission"].read_text(encoding="utf-8")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(",".join(SUBMISSION_COLUMNS) + "\n")
+            for line in lines():
+                fh.write(line)
+
+    _atomic(dest, write)
+
+
+def _write_failures(path: Path, records: Iterable[ImageRecord]) -> None:
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(FAILURE_COLUMNS)
+    for r in records:
+        w.writerow([r.image_id, r.stage, r.error])
+    atomic_write_text(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------
+# The streaming engine
+# --------------------------------------------------------------------------------------------
+
+def _check_run_settings(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to resume into a folder made with another model or segmentation."""
+    f = out / _RUN_JSON
+    if overwrite or not f.is_file():
+        return
+    try:
+        old = json.loads(f.read_text(encoding="utf-8")).get("settings", {})
+    except (OSError, ValueError):
+        return
+    for key in ("model_fingerprint", "segmentation"):
+        if key in old and old[key] != settings[key]:
+            raise BatchConfigError(
+                f"{out} holds predictions made with another {key.replace('_', ' ')} "
+                f"({old.get('model', '?')}, segmentation {old.get('segmentation', '?')}); resuming would "
+                "mix them. Use a new --out folder, or --overwrite to redo every image."
+            )
+
+
+def predict_folder(input_dir: str | Path, model: str | Path | Any, out_dir: str | Path,
+                   options: BatchOptions = BatchOptions(), should_stop: ShouldStop | None = None,
+                   image_ids: Iterable[str] | None = None) -> Iterator[Event]:
+    """Predict every image of a folder, streaming; yields progress :class:`Event` s.
+
+    Parameters
+    ----------
+    input_dir
+        Folder of HPA images (or a data set root with ``images/``).
+    model
+        A trained run folder, a checkpoint inside one, or a loaded predictor.
+    out_dir
+        Output folder (created); rerunning into it resumes.
+    options
+        :class:`BatchOptions`.
+    should_stop
+        Polled between images; when it returns True the images in flight are finished, a
+        ``STOPPED`` event is yielded and the run-level CSVs are left as they were.
+    image_ids
+        Predict only these ids (default: every image of the folder).
+
+    Yields
+    ------
+    Event
+        ``STAGE_START`` (``metrics``: n_images, n_skipped, n_todo), one ``ITEM`` per image
+        finished or failed (``result`` = :class:`ImageRecord`, ``batch`` = images handled so far
+        including skipped ones, ``n_batches`` = all images), ``STAGE_END`` after assembly, then
+        ``DONE`` with ``result`` = :class:`BatchSummary` (or ``STOPPED``).
+    """
+    t_start = time.perf_counter()
+    input_dir = resolve_images_dir(input_dir)
+    out = Path(out_dir)
+    ids = sorted(image_ids) if image_ids is not None else list_image_ids(input_dir)
+    if not ids:
+        raise FileNotFoundError(
+            f"{input_dir} holds no HPA images: expected files named ID_red.png, ID_green.png, "
+            "ID_blue.png, ID_yellow.png (or .jpg/.tif), or multi-channel TIFFs."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = model_fingerprint(model)
+    settings = {
+        "input_dir": str(input_dir),
+        "model": str(getattr(model, "run_dir", model)),
+        "model_fingerprint": fingerprint,
+        **asdict(options),
+    }
+    _check_run_settings(out, settings, options.overwrite)
+    if options.overwrite:
+        for i in ids:
+            image_paths(out, i)["done"].unlink(missing_ok=True)
+    atomic_write_text(out / _RUN_JSON, json.dumps({"settings": settings, "status": "running"}, indent=1))
+
+    todo = [i for i in ids if not is_done(out, i, options)]
+    n_skipped = len(ids) - len(todo)
+    summary = BatchSummary(n_images=len(ids), n_skipped=n_skipped)
+    yield Event(EventKind.STAGE_START, stage="predict", n_batches=len(ids), batch=n_skipped,
+                message=f"{len(ids)} images, {n_skipped} already done, {len(todo)} to predict",
+                metrics={"n_images": len(ids), "n_skipped": n_skipped, "n_todo": len(todo)})
+
+    predictor = load_predictor(model, options.device) if todo else None
+    stage_sums: dict[str, float] = {}
+    failures: list[ImageRecord] = []
+    handled = n_skipped
+    stopped = False
+    reader = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="cpgcn-read")
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpgcn-write")
+    reads: deque[tuple[str, float, Future]] = deque()
+    writes: deque[tuple[str, Future]] = deque()
+    pending = iter(todo)
+    read_ahead = 2 * options.batch_size
+
+    def timed_read(image_id: str) -> tuple[HPAImage, float]:
+        t0 = time.perf_counter()
+        img = read_input(input_dir, image_id)
+        return img, time.perf_counter() - t0
+
+    def top_up_reads() -> None:
+        while len(reads) < read_ahead:
+            nxt = next(pending, None)
+            if nxt is None:
+                return
+            reads.append((nxt, time.perf_counter(), reader.submit(timed_read, nxt)))
+
+    def finish(rec: ImageRecord) -> Event:
+        nonlocal handled
+        handled += 1
+        if rec.status == "failed":
+            failures.append(rec)
+            summary.n_failed += 1
+        else:
+            summary.n_done += 1
+            for k, v in rec.seconds.items():
+                stage_sums[k] = stage_sums.get(k, 0.0) + v
+        return Event(EventKind.ITEM, stage="predict", batch=handled, n_batches=len(ids),
+                     message=rec.image_id if rec.status != "failed" else f"{rec.image_id} FAILED: {rec.error}",
+                     metrics={"n_cells": float(rec.n_cells), **{f"seconds_{k}": v for k, v in rec.seconds.items()}},
+                     result=rec)
+
+    def drain_writes(keep: int) -> Iterator[Event]:
+        while len(writes) > keep:
+            image_id, fut = writes.popleft()
+            try:
+                rec = fut.result()
+            except Exception as e:
+                rec = _record_failure(out, image_id, "write", e)
+            yield finish(rec)
+
+    try:
+        top_up_reads()
+        while reads:
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            image_id, _, fut = reads.popleft()
+            top_up_reads()
+            try:
+                image, t_read = fut.result()
+            except Exception as e:
+                yield finish(_record_failure(out, image_id, "read", e))
+                continue
+            t0 = time.perf_counter()
+            try:
+                prediction = predict_image(predictor, image, options)
+            except Exception as e:
+                yield finish(_record_failure(out, image_id, "predict", e, {"read": t_read}))
+                continue
+            finally:
+                del image
+            secs = {"read": t_read, "predict": time.perf_counter() - t0}
+            writes.append((image_id, writer.submit(write_image_outputs, out, prediction, options, secs)))
+            del prediction
+            yield from drain_writes(options.batch_size)
+        yield from drain_writes(0)
+    finally:
+        # Interrupted or not: stop reading, let the writes in flight finish (each is atomic and
+        # its done marker comes last, so a cut-off image is simply redone by the next run).
+        for _, _, fut in reads:
+            fut.cancel()
+        reader.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True)
+
+    summary.failures = failures
+    summary.seconds = time.perf_counter() - t_start
+    summary.seconds_by_stage = {k: v / summary.n_done for k, v in stage_sums.items()} if summary.n_done else {}
+    if stopped:
+        summary.stopped = True
+        log.warning("stopped after %d of %d images; rerun to resume", handled, len(ids))
+        yield Event(EventKind.STOPPED, stage="predict", batch=handled, n_batches=len(ids),
+                    message="stopped; finished images are kept, rerun to resume", result=summary)
+        return
+    assembled = assemble_outputs(out, ids, options, failures=None)
+    summary.paths = {"out_dir": str(out), **assembled["paths"]}
+    summary.n_cells = assembled["n_cells"]
+    summary.failures = assembled["failures"]
+    summary.n_failed = len(summary.failures)
+    atomic_write_text(out / _RUN_JSON, json.dumps(
+        {"settings": settings, "status": "finished", "summary": summary.as_dict()}, indent=1))
+    yield Event(EventKind.STAGE_END, stage="predict", batch=handled, n_batches=len(ids),
+                message=f"{summary.n_done} predicted, {summary.n_skipped} skipped, {summary.n_failed} failed; "
+                        f"{summary.n_cells} cells in {out / 'cells.csv'}")
+    yield Event(EventKind.DONE, stage="predict", result=summary, path=str(out))
+
+
+def run_predict_folder(*args, **kwargs) -> BatchSummary:
+    """:func:`predict_folder` without the events: runs it and returns the :class:`BatchSummary`."""
+    summary = None
+    for ev in predict_folder(*args, **kwargs):
+        if ev.kind in (EventKind.DONE, EventKind.STOPPED):
+            summary = ev.result
+    assert summary is not None
+    return summary
+
