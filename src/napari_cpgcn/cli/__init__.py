@@ -26,6 +26,8 @@ EXIT_PARTIAL = 3
 #: Subcommand modules, in the order ``--help`` lists them.
 SUBCOMMANDS: list[str] = [
     "_synth",
+    "_predict",
+    "_info",
 ]
 
 log = logging.getLogger("napari_cpgcn")

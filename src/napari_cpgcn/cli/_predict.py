@@ -1,0 +1,124 @@
+"""``napari-cpgcn predict``: per-cell predictions for a folder of HPA images (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger("napari_cpgcn.cli.predict")
+
+DESCRIPTION = """\
+Predict per-cell protein localisations for every image of INPUT_DIR with a trained run.
+
+Writes to OUT_DIR: masks/{ID}.tif (cell masks), cells.csv (one row per cell: image id, cell
+id, centroid, area, bbox, image/cell/fused probability per class, top classes), images.csv
+(one row per image), failures.csv, run.json, predict.log, and optionally cams/{ID}.tif
+(--save-cams) and submission.csv (--submission, Kaggle 2021 format).
+
+Rerunning into the same OUT_DIR skips finished images; every file is written atomically, so
+an interrupted run leaves no truncated file. An unreadable image is listed in failures.csv and
+the run goes on.
+
+Exit codes: 0 all images done, 3 some images failed (the rest done), 1 failure (every image
+failed, or the model cannot be loaded), 2 bad usage, 130 interrupted (rerun to resume).
+"""
+
+
+def register(subparsers) -> None:
+    from napari_cpgcn.cli import add_common_arguments
+
+    p = subparsers.add_parser(
+        "predict", help="predict per-cell localisations for a folder (resumable, streaming)",
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input_dir", metavar="INPUT_DIR", help="folder of HPA images (or a data set root with images/)")
+    p.add_argument("--model", "-m", required=True, metavar="RUN_OR_CKPT",
+                   help="trained run folder (from `napari-cpgcn train` or `demo`) or a checkpoint inside one")
+    p.add_argument("--out", "-o", required=True, metavar="OUT_DIR", help="output folder (rerun to resume)")
+    p.add_argument("--segmentation", default="classical", metavar="METHOD",
+                   help="cell segmentation: classical (default, no weights) or cellpose")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="images in flight per stage (read-ahead is twice this); memory grows with it (default 4)")
+    p.add_argument("--workers", type=int, default=2, help="image reader threads (default 2)")
+    p.add_argument("--save-cams", action="store_true", help="also write cams/{ID}.tif: (19, Y, X) uint8 CAMs")
+    p.add_argument("--submission", action="store_true", help="also write submission.csv (Kaggle 2021 format)")
+    p.add_argument("--overwrite", action="store_true", help="redo every image instead of resuming")
+    add_common_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from napari_cpgcn.cli import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, UsageError, setup_logging
+
+    input_dir = Path(args.input_dir)
+    if not input_dir.is_dir():
+        raise UsageError(f"INPUT_DIR {input_dir} is not a folder; give the folder that holds the images")
+    if not Path(args.model).exists():
+        raise UsageError(f"--model {args.model} does not exist; give a trained run folder "
+                         "(`napari-cpgcn train` or `napari-cpgcn demo` writes one)")
+    if args.batch_size < 1 or args.workers < 1:
+        raise UsageError("--batch-size and --workers must be at least 1")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logging(args, logfile=str(out / "predict.log"))
+
+    from napari_cpgcn.batch import (
+        BatchConfigError,
+        BatchOptions,
+        predict_folder,
+        resolve_model_path,
+    )
+    from napari_cpgcn.training.events import EventKind
+
+    try:
+        model = resolve_model_path(args.model)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    options = BatchOptions(
+        segmentation=args.segmentation, device=args.device, batch_size=args.batch_size,
+        workers=args.workers, save_cams=args.save_cams, submission=args.submission,
+        overwrite=args.overwrite,
+    )
+    log.info("predict %s with %s -> %s", input_dir, model, out)
+    summary = None
+    bar = None
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm(loggers=[logging.getLogger("napari_cpgcn")]):
+        try:
+            for ev in predict_folder(input_dir, model, out, options):
+                if ev.kind == EventKind.STAGE_START:
+                    log.info("%s", ev.message)
+                    bar = tqdm(total=ev.n_batches, initial=ev.batch, unit="img", desc="predict",
+                               disable=args.quiet, dynamic_ncols=True)
+                elif ev.kind == EventKind.ITEM and bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"{int(ev.metrics.get('n_cells', 0))} cells", refresh=False)
+                elif ev.kind == EventKind.STAGE_END:
+                    log.info("%s", ev.message)
+                elif ev.kind in (EventKind.DONE, EventKind.STOPPED):
+                    summary = ev.result
+        except BatchConfigError as e:  # OUT_DIR made with other settings: the user picks what to do
+            raise UsageError(str(e)) from None
+        finally:
+            if bar is not None:
+                bar.close()
+    assert summary is not None
+    for f in summary.failures:
+        log.warning("failed: %s (%s): %s", f.image_id, f.stage, f.error)
+    rate = f", {summary.images_per_second:.2f} images/s" if summary.n_done else ""
+    log.info("done: %d predicted, %d already done, %d failed, %d cells%s; outputs in %s",
+             summary.n_done, summary.n_skipped, summary.n_failed, summary.n_cells, rate, out)
+    if summary.n_failed:
+        if summary.n_failed >= summary.n_images:
+            log.error("every image failed; see %s", out / "failures.csv")
+            return EXIT_FAILURE
+        log.warning("%d of %d images failed; they are listed in %s (rerun to retry them)",
+                    summary.n_failed, summary.n_images, out / "failures.csv")
+        return EXIT_PARTIAL
+    return EXIT_OK
