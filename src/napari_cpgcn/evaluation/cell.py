@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -36,6 +37,8 @@ __all__ = [
     "cell_map",
     "PseudoLabelScores",
     "pseudo_label_scores",
+    "CellTruth",
+    "evaluate_pseudo_labels",
 ]
 
 #: IoU a predicted cell needs with a true cell to count as the same cell (Kaggle 2021).
@@ -374,3 +377,107 @@ def pseudo_label_scores(pred: np.ndarray, true: np.ndarray, n_unmatched: int = 0
             per[k] = _prf(tp[k], fp[k], fn[k])[2]
     macro = float(np.nanmean(per)) if np.isfinite(per).any() else 0.0
     return PseudoLabelScores(p, r, f, macro, per, int(pred.shape[0]), n_unmatched)
+
+
+@dataclass
+class CellTruth:
+    """Per-cell ground truth of a folder (the synthetic generator's ``truth/``).
+
+    Attributes
+    ----------
+    folder : Path
+        Holds ``{image_id}_cells.png`` (or ``.tif``) masks and ``cells.csv``
+        (``image_id,cell_id,labels`` with ``|``-joined class ids).
+    labels : dict
+        ``{image id: (cell ids (m,), multi-hot (m, 19))}``.
+    """
+
+    folder: Path
+    labels: dict[str, tuple[np.ndarray, np.ndarray]]
+
+    @classmethod
+    def load(cls, folder) -> CellTruth:
+        """Read ``cells.csv`` of a truth folder (a data set root holding ``truth/`` works too)."""
+        import csv
+
+        folder = Path(folder)
+        if not (folder / "cells.csv").is_file() and (folder / "truth" / "cells.csv").is_file():
+            folder = folder / "truth"
+        path = folder / "cells.csv"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no cell truth in {folder}: expected cells.csv (image_id,cell_id,labels) and "
+                "{image_id}_cells.png masks, as `napari-cpgcn synth` writes under truth/")
+        rows: dict[str, list[tuple[int, list[int]]]] = {}
+        with open(path, newline="") as fh:
+            for rec in csv.DictReader(fh):
+                ks = [int(t) for t in str(rec["labels"]).split("|") if t.strip()]
+                rows.setdefault(rec["image_id"], []).append((int(rec["cell_id"]), ks))
+        labels = {}
+        for iid, lst in rows.items():
+            ids = np.array([c for c, _ in lst], np.int64)
+            mh = np.zeros((len(lst), N_CLASSES), np.uint8)
+            for r, (_, ks) in enumerate(lst):
+                mh[r, ks] = 1
+            labels[iid] = (ids, mh)
+        return cls(folder, labels)
+
+    @property
+    def image_ids(self) -> list[str]:
+        return sorted(self.labels)
+
+    def mask(self, image_id: str) -> np.ndarray:
+        """The (Y, X) true cell mask of one image."""
+        for ext in ("png", "tif", "tiff"):
+            p = self.folder / f"{image_id}_cells.{ext}"
+            if p.is_file():
+                if ext == "png":
+                    from PIL import Image
+
+                    return np.asarray(Image.open(p)).astype(np.uint32)
+                import tifffile
+
+                return tifffile.imread(p).astype(np.uint32)
+        raise FileNotFoundError(f"no true cell mask {image_id}_cells.png/.tif in {self.folder}")
+
+    def cell_labels(self, image_id: str, cell_ids: np.ndarray) -> np.ndarray:
+        """Multi-hot truth rows for the given true cell ids (zeros for unknown ids)."""
+        ids, mh = self.labels.get(image_id, (np.zeros(0, np.int64), np.zeros((0, N_CLASSES), np.uint8)))
+        lut = {int(c): r for r, c in enumerate(ids)}
+        out = np.zeros((len(cell_ids), N_CLASSES), np.uint8)
+        for i, c in enumerate(cell_ids):
+            r = lut.get(int(c))
+            if r is not None:
+                out[i] = mh[r]
+        return out
+
+
+def evaluate_pseudo_labels(table, masks_dir, truth: CellTruth, iou_threshold: float = KAGGLE_IOU
+                           ) -> PseudoLabelScores:
+    """Pseudo-label P/R/F1 of a pseudo-label table whose cells are the masks in ``masks_dir``.
+
+    Each pseudo-labelled cell is matched to a true cell at IoU ≥ ``iou_threshold``; matched
+    cells are compared class by class, unmatched ones are counted in ``n_unmatched``.
+    """
+    import tifffile
+
+    from napari_cpgcn.pseudolabels import pseudo_label_matrix
+
+    pred_rows, true_rows, unmatched = [], [], 0
+    for iid, sub in table.groupby("image_id", sort=True):
+        if iid not in truth.labels:
+            continue
+        pmask = tifffile.imread(Path(masks_dir) / f"{iid}.tif")
+        tmask = truth.mask(iid)
+        pairs = {p: t for p, t, _ in match_cells(pmask, tmask, iou_threshold)}
+        mat = pseudo_label_matrix(sub)
+        for r, cid in enumerate(sub["cell_id"].to_numpy()):
+            t = pairs.get(int(cid))
+            if t is None:
+                unmatched += 1
+                continue
+            pred_rows.append(mat[r])
+            true_rows.append(truth.cell_labels(iid, np.array([t]))[0])
+    if not pred_rows:
+        return pseudo_label_scores(np.zeros((0, N_CLASSES)), np.zeros((0, N_CLASSES)), unmatched)
+    return pseudo_label_scores(np.stack(pred_rows), np.stack(true_rows), unmatched)
