@@ -78,5 +78,5 @@ def test_top_class_color_dict():
     table = make_table(3)
     colors = top_class_color_dict(table)
     assert colors[0] == "transparent" and colors[None] == "transparent"
-    for cid, top in zip(table["cell_id"], table["top_class"]):
+    for cid, top in zip(table["cell_id"], table["top_class"], strict=True):
         assert colors[int(cid)] == CLASSES[SHORT_NAMES.index(top)].color

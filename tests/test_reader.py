@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import ARCHIVE_JPEG_IDS, KAGGLE2018_ID, KAGGLE2021_IDS
 
 from napari_cpgcn._reader import napari_get_reader
 from napari_cpgcn.classes import CHANNELS
 from napari_cpgcn.layers import auto_contrast_limits
-
-from conftest import ARCHIVE_JPEG_IDS, KAGGLE2018_ID, KAGGLE2021_IDS
 
 # (image id, expected shape, expected labels from ../shared/data/kaggle2021-train-labels.csv)
 REAL_FORMATS = {
@@ -25,7 +24,7 @@ REAL_FORMATS = {
 
 def _check_layers(layers, image_id, shape, labels=None, dtype=np.uint8):
     assert len(layers) == 4
-    for (data, kwargs, ltype), color in zip(layers, CHANNELS):
+    for (data, kwargs, ltype), color in zip(layers, CHANNELS, strict=True):
         assert ltype == "image"
         assert data.shape == shape
         assert data.dtype == dtype

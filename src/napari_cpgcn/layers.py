@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_cpgcn.classes import CHANNEL_COLORMAPS, CHANNEL_STAINS, CHANNELS, CLASSES, NEGATIVE, SHORT_NAMES
+from napari_cpgcn.classes import (
+    CHANNEL_COLORMAPS,
+    CHANNEL_STAINS,
+    CHANNELS,
+    CLASSES,
+    NEGATIVE,
+    SHORT_NAMES,
+)
 
 if TYPE_CHECKING:  # pandas is imported lazily: the reader must stay light
     import pandas as pd
@@ -60,10 +67,11 @@ TABLE_BASE_COLUMNS: tuple[str, ...] = (
 
 
 def table_columns() -> list[str]:
-    """All per-cell table columns in their canonical order (base columns, then image/cell/fused per class)."""
+    """All per-cell table columns in their canonical order: base columns, then ``image_S`` for
+    every class, ``cell_S`` for every class, ``fused_S`` for every class."""
     cols = list(TABLE_BASE_COLUMNS)
-    for s in SHORT_NAMES:
-        cols += [f"image_{s}", f"cell_{s}", f"fused_{s}"]
+    for prefix in ("image_", "cell_", "fused_"):
+        cols += [f"{prefix}{s}" for s in SHORT_NAMES]
     return cols
 
 
@@ -237,6 +245,9 @@ def channel_layers(
             "stain": CHANNEL_STAINS[color],
             "path": str(image.paths.get(color, "")),
             "bit_depth": image.bit_depth,
+            # what the automatic limits were: a widget replacing the data can tell whether the
+            # user has changed them since (and then keep the user's choice)
+            "auto_contrast": [float(cl[0]), float(cl[1])],
         }
         kwargs = {
             "name": channel_layer_name(image.image_id, color),
@@ -303,7 +314,7 @@ def top_class_color_dict(table: pd.DataFrame) -> dict[int | None, str]:
     """A direct label colormap: each cell coloured by its top class (for ``Labels.colormap``)."""
     index = {s: k for k, s in enumerate(SHORT_NAMES)}
     colors: dict[int | None, str] = {None: "transparent", 0: "transparent"}
-    for cid, top in zip(table["cell_id"].to_numpy(), table["top_class"].astype(str)):
+    for cid, top in zip(table["cell_id"].to_numpy(), table["top_class"].astype(str), strict=True):
         colors[int(cid)] = CLASSES[index.get(top, NEGATIVE)].color
     return colors
 

@@ -1,0 +1,217 @@
+"""Shared plumbing of the dock widgets: workers, notifications, remembered settings, run registry.
+
+Qt lives here and in the other ``_widgets`` modules only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import traceback
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLineEdit, QPushButton, QWidget
+
+from napari_cpgcn.classes import CHANNELS
+from napari_cpgcn.layers import roles
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "notify_error",
+    "notify_info",
+    "start_worker",
+    "load_settings",
+    "update_settings",
+    "RUNS",
+    "PathEdit",
+    "channel_layers_of",
+    "current_image",
+    "cells_layer_of",
+]
+
+
+# --------------------------------------------------------------------------- notifications
+
+def notify_error(message: str, exc: BaseException | None = None) -> None:
+    """Show an error in napari's notification area (and log it with the traceback)."""
+    from napari.utils.notifications import show_error
+
+    if exc is not None:
+        log.error("%s\n%s", message, "".join(traceback.format_exception(exc)))
+    else:
+        log.error("%s", message)
+    show_error(message)
+
+
+def notify_info(message: str) -> None:
+    from napari.utils.notifications import show_info
+
+    log.info("%s", message)
+    show_info(message)
+
+
+def error_text(exc: BaseException) -> str:
+    """One line for a user: the exception's own message (ours name the file and the fix)."""
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, (ValueError, OSError, KeyError, RuntimeError)) else f"{type(exc).__name__}: {text}"
+
+
+def start_worker(
+    func: Callable,
+    *args: Any,
+    on_yield: Callable[[Any], None] | None = None,
+    on_return: Callable[[Any], None] | None = None,
+    on_error: Callable[[BaseException], None] | None = None,
+    on_finish: Callable[[], None] | None = None,
+    **kwargs: Any,
+):
+    """Run ``func(*args, **kwargs)`` (a function or a generator function) in a napari thread worker.
+
+    Errors never escape as console tracebacks: they go to ``on_error`` (default: a napari
+    error notification). ``on_finish`` runs after return, error or quit, so widgets can
+    re-enable their buttons whatever happened.
+    """
+    from napari.qt.threading import create_worker
+
+    worker = create_worker(func, *args, _start_thread=False, _ignore_errors=True, **kwargs)
+    if on_yield is not None and hasattr(worker, "yielded"):
+        worker.yielded.connect(on_yield)
+    if on_return is not None:
+        worker.returned.connect(on_return)
+    worker.errored.connect(on_error or (lambda e: notify_error(error_text(e), e)))
+    if on_finish is not None:
+        worker.finished.connect(on_finish)
+    worker.start()
+    return worker
+
+
+# --------------------------------------------------------------------------- settings
+
+def _settings_path() -> Path:
+    root = os.environ.get("NAPARI_CPGCN_CONFIG_DIR")
+    if root:
+        return Path(root) / "gui.json"
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "napari-cpgcn" / "gui.json"
+
+
+def load_settings() -> dict[str, Any]:
+    """The remembered GUI settings (last run folder, recent runs, last folders)."""
+    try:
+        return json.loads(_settings_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def update_settings(**changes: Any) -> None:
+    """Merge ``changes`` into the remembered settings (failures to write are only logged)."""
+    from napari_cpgcn.io.tables import atomic_write_text
+
+    settings = load_settings()
+    settings.update(changes)
+    try:
+        atomic_write_text(_settings_path(), json.dumps(settings, indent=1))
+    except OSError as e:
+        log.warning("could not save GUI settings: %s", e)
+
+
+class RunRegistry(QObject):
+    """Trained runs known to this session; Train announces new runs, Predict lists them."""
+
+    run_added = Signal(str)
+
+    def runs(self) -> list[str]:
+        return [r for r in load_settings().get("recent_runs", []) if Path(r).is_dir()]
+
+    def add(self, run_dir: str | Path) -> None:
+        run = str(Path(run_dir).resolve())
+        recent = [r for r in load_settings().get("recent_runs", []) if r != run]
+        update_settings(recent_runs=[run, *recent][:10])
+        self.run_added.emit(run)
+
+
+RUNS = RunRegistry()
+
+
+# --------------------------------------------------------------------------- small widgets
+
+class PathEdit(QWidget):
+    """A line edit with a "…" button opening a file or folder dialog."""
+
+    def __init__(self, mode: str = "dir", placeholder: str = "", filter: str = "", parent=None):
+        super().__init__(parent)
+        self.mode, self.filter = mode, filter
+        self.edit = QLineEdit()
+        self.edit.setPlaceholderText(placeholder)
+        self.button = QPushButton("…")
+        self.button.setMaximumWidth(30)
+        self.button.clicked.connect(self._browse)
+        lay = QHBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.edit)
+        lay.addWidget(self.button)
+
+    def _browse(self) -> None:
+        start = self.text() or str(Path.home())
+        if self.mode == "dir":
+            path = QFileDialog.getExistingDirectory(self, "Choose a folder", start)
+        elif self.mode == "save":
+            path, _ = QFileDialog.getSaveFileName(self, "Save as", start, self.filter)
+        else:
+            path, _ = QFileDialog.getOpenFileName(self, "Choose a file", start, self.filter)
+        if path:
+            self.setText(path)
+            self.edit.editingFinished.emit()
+
+    def text(self) -> str:
+        return self.edit.text().strip()
+
+    def setText(self, text: str) -> None:
+        self.edit.setText(str(text))
+
+
+# --------------------------------------------------------------------------- viewer state
+
+def channel_layers_of(viewer) -> dict[str, Any]:
+    """``{colour: layer}`` of the HPA channel layers in the viewer (the last one of each colour)."""
+    return {ly.metadata["hpa_channel"]: ly for ly in roles(viewer.layers, "channel")
+            if ly.metadata.get("hpa_channel") in CHANNELS}
+
+
+def current_image(viewer):
+    """The HPA image shown in the viewer, rebuilt from its four channel layers, or None."""
+    from napari_cpgcn.io.hpa import HPAImage
+
+    chans = channel_layers_of(viewer)
+    if len(chans) < 4:
+        return None
+    ids = {chans[c].metadata.get("image_id") for c in CHANNELS}
+    if len(ids) != 1:
+        return None
+    data = np.stack([np.asarray(chans[c].data) for c in CHANNELS])
+    paths = {c: Path(chans[c].metadata.get("path") or "") for c in CHANNELS}
+    return HPAImage(data=data, image_id=ids.pop(), paths=paths,
+                    bit_depth=16 if data.dtype == np.uint16 else 8)
+
+
+def cells_layer_of(viewer, image_id: str | None = None):
+    """The ``cells`` Labels layer (of ``image_id`` when given), or None."""
+    from napari_cpgcn.layers import CELLS_LAYER
+
+    candidates = [ly for ly in viewer.layers if type(ly).__name__ == "Labels"
+                  and (ly.name == CELLS_LAYER or ly.metadata.get("hpa_role") == "cells")]
+    if image_id is not None:
+        candidates = [ly for ly in candidates if ly.metadata.get("image_id") in (None, image_id)]
+    return candidates[-1] if candidates else None
+
+
+def remove_layers(viewer, layers: Iterable[Any]) -> None:
+    for ly in list(layers):
+        if ly in viewer.layers:
+            viewer.layers.remove(ly)
