@@ -27,6 +27,7 @@ EXIT_PARTIAL = 3
 SUBCOMMANDS: list[str] = [
     "_synth",
     "_predict",
+    "_demo",
     "_info",
 ]
 

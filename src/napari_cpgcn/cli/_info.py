@@ -70,7 +70,11 @@ def _imagenet_weights() -> dict:
     ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
     out: dict = {"folder": str(ckpt_dir), "TORCH_HOME": os.environ.get("TORCH_HOME"), "found": {}}
     try:
-        from napari_cpgcn.models.backbone import BACKBONES, find_imagenet_weights, imagenet_weight_candidates
+        from napari_cpgcn.models.backbone import (
+            BACKBONES,
+            find_imagenet_weights,
+            imagenet_weight_candidates,
+        )
     except ImportError:  # pragma: no cover - models not installed
         return out
     for name in BACKBONES:

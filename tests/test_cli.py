@@ -1,0 +1,196 @@
+"""The ``napari-cpgcn`` command line through ``main([...])``: predict (real trained pipeline), help, info.
+
+A tiny pipeline is trained once per session on synthetic data (``PipelineConfig.tiny()``),
+then ``predict`` runs it on the real HPA samples and on synthetic folders.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from napari_cpgcn import batch
+from napari_cpgcn.classes import N_CLASSES, SHORT_NAMES
+from napari_cpgcn.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, build_parser, main
+
+# ---------------------------------------------------------------------------------------- help
+
+
+def _subcommands() -> list[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return sorted(sub.choices)
+
+
+def test_subcommands_registered():
+    assert {"predict", "info", "demo"} <= set(_subcommands())
+
+
+@pytest.mark.parametrize("cmd", _subcommands())
+def test_every_subcommand_has_help(cmd, capsys):
+    assert main([cmd, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert f"usage: napari-cpgcn {cmd}" in out and "--quiet" in out
+
+
+def test_top_level_help_and_usage(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("predict", "demo", "info"):
+        assert cmd in out
+    assert main([]) == EXIT_USAGE
+    assert main(["predict"]) == EXIT_USAGE  # missing INPUT_DIR / --model / --out
+
+
+def test_info_reports_versions_and_weight_folders(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["versions"]["napari-cpgcn"]
+    assert info["versions"]["torch"]
+    assert info["devices"]["auto"] in ("cpu", "cuda", "mps")
+    assert info["imagenet_weights"]["folder"].endswith("checkpoints")
+    assert "resnet18" in info["imagenet_weights"]["found"]
+    assert info["cellpose_models"]["folder"]
+    assert main(["info"]) == 0
+    assert "ImageNet weights are looked for in" in capsys.readouterr().out
+
+
+def test_predict_bad_usage(tmp_path, hpa_samples):
+    assert main(["predict", str(tmp_path / "nope"), "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == EXIT_USAGE
+    # a folder that is not a trained run
+    assert main(["predict", str(hpa_samples), "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == EXIT_USAGE
+
+
+# ------------------------------------------------------------------------- a real trained run
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    from napari_cpgcn.synth import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("synth"), 10, size=96, seed=5)
+
+
+@pytest.fixture(scope="session")
+def trained_run(synth_data, tmp_path_factory) -> Path:
+    pipeline = pytest.importorskip("napari_cpgcn.pipeline")
+    run = tmp_path_factory.mktemp("run") / "run"
+    for _ in pipeline.train_pipeline(synth_data, synth_data / "train.csv", run, pipeline.PipelineConfig.tiny()):
+        pass
+    return run
+
+
+def _predict(inp: Path, run: Path, out: Path, *extra: str) -> int:
+    return main(["predict", str(inp), "--model", str(run), "--out", str(out), "-q", *extra])
+
+
+@pytest.fixture(scope="session")
+def hpa_prediction(hpa_samples, trained_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pred_hpa") / "out"
+    assert _predict(hpa_samples, trained_run, out, "--submission") == EXIT_OK
+    return out
+
+
+def test_predict_real_samples_one_row_per_cell(hpa_prediction, hpa_samples):
+    from napari_cpgcn.io.hpa import list_image_ids
+
+    out = hpa_prediction
+    ids = list_image_ids(hpa_samples)
+    images = pd.read_csv(out / "images.csv")
+    cells = pd.read_csv(out / "cells.csv")
+    assert sorted(images.image_id) == sorted(ids)
+    assert list(cells.columns) == list(batch.CELL_COLUMNS)
+    total = 0
+    for iid in ids:
+        mask = tifffile.imread(out / "masks" / f"{iid}.tif")
+        labels = np.unique(mask)
+        labels = labels[labels != 0]
+        rows = cells[cells.image_id == iid]
+        assert list(rows.cell_id) == list(labels), iid
+        assert (rows.area.to_numpy() == np.bincount(mask.ravel())[labels]).all()
+        total += len(labels)
+    assert total == len(cells) > 0
+    probs = cells[[f"{p}_{s}" for p in ("image", "cell", "fused") for s in SHORT_NAMES]].to_numpy()
+    assert np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()
+    # fused = image x cell (the method's fusion)
+    for s in SHORT_NAMES[:3]:
+        np.testing.assert_allclose(cells[f"fused_{s}"], cells[f"image_{s}"] * cells[f"cell_{s}"], rtol=1e-4, atol=1e-5)
+    assert (out / "predict.log").stat().st_size > 0
+    assert pd.read_csv(out / "failures.csv").empty
+
+
+def test_submission_decodes_back_to_the_masks(hpa_prediction):
+    from napari_cpgcn.io.rle import read_submission
+
+    out = hpa_prediction
+    cells = pd.read_csv(out / "cells.csv")
+    for row in read_submission(out / "submission.csv"):
+        mask = tifffile.imread(out / "masks" / f"{row.image_id}.tif")
+        assert (row.height, row.width) == mask.shape
+        ids = [int(i) for i in np.unique(mask) if i]
+        assert len(row.predictions) == N_CLASSES * len(ids)
+        rebuilt = np.zeros_like(mask)
+        tab = cells[cells.image_id == row.image_id].set_index("cell_id")
+        for n, (k, conf, m) in enumerate(row.masks()):
+            cid = ids[n // N_CLASSES]
+            assert k == n % N_CLASSES
+            assert not rebuilt[m].any()  # cells do not overlap
+            rebuilt[m] = cid
+            assert conf == pytest.approx(tab.loc[cid, f"fused_{SHORT_NAMES[k]}"], rel=1e-5, abs=1e-6)
+        assert np.array_equal(rebuilt, mask), row.image_id
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    files = {n: (out / n).read_bytes() for n in ("cells.csv", "images.csv", "failures.csv", "submission.csv")}
+    for f in sorted((out / "masks").glob("*.tif")):
+        files[f.name] = tifffile.imread(f).tobytes()
+    return files
+
+
+def test_killed_run_then_rerun_equals_uninterrupted_run(synth_data, trained_run, tmp_path, monkeypatch):
+    images = synth_data / "images"
+    ref = tmp_path / "ref"
+    assert _predict(images, trained_run, ref, "--submission") == EXIT_OK
+
+    out = tmp_path / "out"
+    real = batch.write_image_outputs
+    n = {"written": 0}
+
+    def dies_after_4(*a, **k):  # the process is killed while writing the 5th image
+        if n["written"] == 4:
+            raise KeyboardInterrupt
+        n["written"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(batch, "write_image_outputs", dies_after_4)
+    assert _predict(images, trained_run, out, "--submission", "--batch-size", "1") == 130
+    monkeypatch.setattr(batch, "write_image_outputs", real)
+    assert len(list((out / "parts").glob("*.done.json"))) == 4
+    assert not (out / "cells.csv").exists()
+    assert not list(out.rglob("*.tmp"))
+
+    assert _predict(images, trained_run, out, "--submission") == EXIT_OK
+    run = json.loads((out / "run.json").read_text())
+    assert run["summary"]["n_skipped"] == 4 and run["summary"]["n_done"] == 6
+    assert _files(out) == _files(ref)
+
+
+def test_corrupt_image_partial_exit_code(synth_data, trained_run, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(synth_data / "images", images)
+    ids = sorted({p.name.rsplit("_", 1)[0] for p in images.glob("*.png")})
+    bad = ids[3]
+    (images / f"{bad}_blue.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00truncated")
+    out = tmp_path / "out"
+    assert _predict(images, trained_run, out) == EXIT_PARTIAL
+    fails = pd.read_csv(out / "failures.csv")
+    assert list(fails.image_id) == [bad] and fails.stage[0] == "read"
+    assert f"{bad}_blue.png" in fails.error[0]
+    done = pd.read_csv(out / "images.csv")
+    assert sorted(done.image_id) == [i for i in ids if i != bad]
+    assert bad in (out / "predict.log").read_text()
