@@ -1,0 +1,129 @@
+"""The image-level model: backbone + class perception module + label GCN (CP-GCN) and its ablations.
+
+Variants (``variant=``):
+
+``cnn``
+    Global average pooling + linear classifier; CAMs are the classic class activation maps
+    (the classifier applied at every location).
+``cnn+cpm``
+    CPM class representations t_c scored by learned per-class vectors w_c: s_c = ⟨t_c, w_c⟩ + b_c.
+``cpgcn``
+    The full model: s_c = ⟨t_c, l_c⟩ + b_c with l_c the label-GCN classifier of class c.
+``mlgcn``
+    ML-GCN (Chen et al. 2019): s_c = ⟨gap(X), l_c⟩ + b_c; CAMs are ⟨x_ij, l_c⟩.
+
+``forward(x)`` returns ``(logits, cams)``: logits (B, C) and non-negative class maps
+(B, C, h, w) at feature-map resolution; the CPM variants return the CPM maps M_c (each sums
+to 1 over space), the others ReLU of the per-location class score. Divide each map by its
+maximum (:func:`normalize_cams`) to compare or accumulate them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from napari_cpgcn.models.backbone import Backbone
+from napari_cpgcn.models.cpm import ClassPerceptionModule
+from napari_cpgcn.models.gcn import LabelGCN
+
+__all__ = ["VARIANTS", "CPGCN", "normalize_cams"]
+
+VARIANTS: tuple[str, ...] = ("cnn", "cnn+cpm", "cpgcn", "mlgcn")
+
+
+def normalize_cams(cams: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Scale each (image, class) map to [0, 1] by its maximum (negative values clipped to 0)."""
+    c = cams.float().clamp_min(0)
+    mx = c.flatten(2).amax(dim=-1)[..., None, None]
+    return c / (mx + eps)
+
+
+class CPGCN(nn.Module):
+    """Image-level multi-label classifier with class activation maps.
+
+    Parameters
+    ----------
+    backbone
+        A :class:`~napari_cpgcn.models.backbone.Backbone`.
+    variant
+        One of :data:`VARIANTS`.
+    n_classes
+        Number of classes C.
+    word_vectors, adjacency
+        Label-GCN inputs (needed by ``cpgcn`` and ``mlgcn``).
+    cpm_norm
+        CPM spatial normalisation (``"softmax"`` or ``"sigmoid"``).
+    gcn_hidden, gcn_activation
+        Label-GCN hidden width and activation.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        variant: str = "cpgcn",
+        n_classes: int = 19,
+        word_vectors=None,
+        adjacency=None,
+        cpm_norm: str = "softmax",
+        gcn_hidden: int = 1024,
+        gcn_activation: str = "leaky_relu",
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown model variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        self.variant = variant
+        self.n_classes = n_classes
+        self.backbone = backbone
+        d = backbone.out_channels
+        self.cpm: ClassPerceptionModule | None = None
+        self.gcn: LabelGCN | None = None
+        if variant in ("cnn+cpm", "cpgcn"):
+            self.cpm = ClassPerceptionModule(d, n_classes, norm=cpm_norm)
+        if variant in ("cpgcn", "mlgcn"):
+            if word_vectors is None or adjacency is None:
+                raise ValueError(f"variant {variant!r} needs label word vectors and an adjacency")
+            self.gcn = LabelGCN(word_vectors, adjacency, d, hidden=gcn_hidden, activation=gcn_activation)
+        if variant == "cnn":
+            self.fc = nn.Linear(d, n_classes)
+        elif variant == "cnn+cpm":
+            self.class_weight = nn.Parameter(torch.empty(n_classes, d))
+            nn.init.normal_(self.class_weight, std=1.0 / d ** 0.5)
+        if variant != "cnn":
+            # A per-class bias lets rare classes start at a low prior (the paper's s_c has none;
+            # it changes no ranking within a class).
+            self.class_bias = nn.Parameter(torch.zeros(n_classes))
+
+    def classifiers(self) -> torch.Tensor:
+        """(C, D) class vectors: fc weights, w_c or the GCN output l_c."""
+        if self.variant == "cnn":
+            return self.fc.weight
+        if self.variant == "cnn+cpm":
+            return self.class_weight
+        assert self.gcn is not None
+        return self.gcn()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 4, Y, X) in [0, 1] → feature map (B, D, h, w)."""
+        return self.backbone.forward_features(x)
+
+    def forward_head(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature map → (logits (B, C), cams (B, C, h, w))."""
+        w = self.classifiers().to(feats.dtype)
+        if self.variant == "cnn":
+            logits = self.fc(F.adaptive_avg_pool2d(feats, 1).flatten(1))
+            cams = torch.einsum("cd,bdhw->bchw", w, feats).clamp_min(0)
+            return logits, cams
+        if self.variant == "mlgcn":
+            g = F.adaptive_avg_pool2d(feats, 1).flatten(1)
+            logits = g @ w.t() + self.class_bias
+            cams = torch.einsum("cd,bdhw->bchw", w, feats).clamp_min(0)
+            return logits, cams
+        assert self.cpm is not None
+        t, m = self.cpm(feats)
+        logits = (t * w.unsqueeze(0)).sum(-1) + self.class_bias
+        return logits, m
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_head(self.forward_features(x))

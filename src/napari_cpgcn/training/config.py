@@ -1,0 +1,213 @@
+"""Training configurations as dataclasses with a JSON round trip.
+
+:class:`TrainConfig` holds what the generic engine (:mod:`napari_cpgcn.training.engine`) reads;
+:class:`ImageModelConfig` adds the CP-GCN image model and its data. Other trainers (the cell
+classifier, the sub-category refinement) subclass :class:`TrainConfig` the same way. Every
+checkpoint stores ``config.to_dict()``; widgets map onto the same fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from napari_cpgcn.classes import SHORT_NAMES
+
+__all__ = ["TrainConfig", "ImageModelConfig", "ConfigError"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T", bound="TrainConfig")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field and the allowed values."""
+
+
+@dataclass
+class TrainConfig:
+    """Fields of the generic training engine (defaults = the paper's image-model settings).
+
+    Attributes
+    ----------
+    epochs, batch_size, lr, weight_decay
+        Optimisation (Adam).
+    lr_schedule
+        ``"constant"`` (the paper) or ``"cosine"`` (annealed to 1 % of ``lr`` over ``epochs``).
+    focal_gamma, focal_alpha
+        Focal loss parameters (``focal_alpha=None``: no class-balance factor).
+    seed
+        Seed of everything random (initialisation, split, shuffling, augmentation).
+    device
+        ``"auto"`` (cuda → mps → cpu), ``"cuda"``, ``"cuda:1"``, ``"mps"`` or ``"cpu"``.
+    amp
+        Mixed precision on CUDA (ignored on other devices).
+    num_workers
+        DataLoader worker processes.
+    val_fraction
+        Share of image ids held out for validation (split by id, stable).
+    grad_clip
+        Max gradient norm (0 = off).
+    """
+
+    epochs: int = 50
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    focal_gamma: float = 2.0
+    focal_alpha: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int = 0
+    val_fraction: float = 0.2
+    grad_clip: float = 0.0
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for impossible values."""
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-safe dict (tuples become lists); includes the class name as ``_type``."""
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        d["_type"] = type(self).__name__
+        return d
+
+    @classmethod
+    def from_dict(cls: type[T], d: dict[str, Any]) -> T:
+        """Build from a dict; unknown keys are logged and ignored (newer/older versions)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in d if k not in names and k != "_type")
+        if unknown:
+            log.warning("ignoring unknown %s fields: %s", cls.__name__, ", ".join(unknown))
+        kwargs = {k: v for k, v in d.items() if k in names}
+        for f in dataclasses.fields(cls):
+            if f.name in kwargs and isinstance(kwargs[f.name], list) and "tuple" in str(f.type):
+                kwargs[f.name] = tuple(kwargs[f.name])
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls: type[T], text: str) -> T:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as JSON atomically."""
+        from napari_cpgcn.io.tables import atomic_write_text
+
+        atomic_write_text(path, self.to_json() + "\n")
+
+    @classmethod
+    def load(cls: type[T], path: str | Path) -> T:
+        path = Path(path)
+        try:
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}); fix or delete it") from e
+
+    def replace(self: T, **changes: Any) -> T:
+        """A copy with some fields changed (validated)."""
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+
+@dataclass
+class ImageModelConfig(TrainConfig):
+    """The CP-GCN image model and its training data (defaults = the paper).
+
+    Attributes
+    ----------
+    backbone
+        One of :data:`napari_cpgcn.models.backbone.BACKBONES`.
+    variant
+        ``"cpgcn"`` (full), ``"cnn"``, ``"cnn+cpm"`` or ``"mlgcn"``.
+    image_size
+        Images are resized to ``image_size``² (the paper: 512).
+    imagenet_weights
+        ``"imagenet"`` (torch hub cache, fall back to random init with a message), a file path,
+        or ``None`` (random init).
+    cpm_norm
+        CPM spatial normalisation: ``"softmax"`` or ``"sigmoid"``.
+    tau, gcn_hidden, gcn_activation
+        Label graph threshold, GCN hidden width and activation (``"leaky_relu"`` or ``"relu"``).
+    oaa, oaa_threshold, oaa_size
+        Online attention accumulation on/off, the probability a positive class needs for its map
+        to be accumulated, and the side of the stored maps.
+    augment
+        Flips, 90° rotations, random resized crops and intensity jitter during training.
+    cache_dir
+        Folder for downscaled image tensors (``None``: ``RUN/cache`` when ``cache`` is on).
+    cache
+        Cache images resized to ``image_size`` as ``.npy`` (reading 2048² PNGs every epoch is slow).
+    classes
+        Class short names, in output order.
+    mean, std
+        Per-channel normalisation of [0, 1] input; ``None`` = measured on the training images.
+    """
+
+    backbone: str = "resnet50"
+    variant: str = "cpgcn"
+    image_size: int = 512
+    imagenet_weights: str | None = "imagenet"
+    cpm_norm: str = "softmax"
+    tau: float = 0.3
+    gcn_hidden: int = 1024
+    gcn_activation: str = "leaky_relu"
+    oaa: bool = True
+    oaa_threshold: float = 0.5
+    oaa_size: int = 32
+    augment: bool = True
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    cache: bool = True
+    cache_dir: str | None = None
+    classes: tuple[str, ...] = field(default_factory=lambda: tuple(SHORT_NAMES))
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        from napari_cpgcn.models.backbone import BACKBONES
+        from napari_cpgcn.models.cpgcn import VARIANTS
+
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"backbone {self.backbone!r} unknown; choose one of {', '.join(BACKBONES)}")
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"variant {self.variant!r} unknown; choose one of {', '.join(VARIANTS)}")
+        if self.image_size < 32:
+            raise ConfigError(f"image_size must be >= 32, got {self.image_size}")
+        if self.cpm_norm not in ("softmax", "sigmoid"):
+            raise ConfigError(f"cpm_norm must be 'softmax' or 'sigmoid', got {self.cpm_norm!r}")
+        if self.gcn_activation not in ("leaky_relu", "relu"):
+            raise ConfigError(f"gcn_activation must be 'leaky_relu' or 'relu', got {self.gcn_activation!r}")
+        if not 0.0 <= self.tau < 1.0:
+            raise ConfigError(f"tau must be in [0, 1), got {self.tau}")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"crop_scale must be (min, max) within (0, 1], got {self.crop_scale}")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if v is not None and len(v) != 4:
+                raise ConfigError(f"{name} needs 4 values (red, green, blue, yellow), got {v}")

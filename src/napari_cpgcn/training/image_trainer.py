@@ -1,0 +1,177 @@
+"""Train the CP-GCN image-level model on a folder of HPA images + a labels CSV.
+
+``train_image_model`` is the one call the CLI (``napari-cpgcn train-image``), the GUI and the
+pipeline use. It writes into ``run_dir``:
+
+``config.json``  the :class:`~napari_cpgcn.training.config.ImageModelConfig` (with the measured
+                 channel mean/std), ``split.json`` (train/val image ids), ``latest.pt``,
+                 ``best.pt``, ``history.csv`` and ``oaa/`` (accumulated class maps).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from napari_cpgcn.io.tables import LabelTable, atomic_write_text, read_labels_csv
+from napari_cpgcn.training.config import ImageModelConfig
+from napari_cpgcn.training.datasets import HPAImageDataset, ImageIndex, channel_stats, split_ids
+from napari_cpgcn.training.engine import fit, resolve_device
+from napari_cpgcn.training.events import Event, EventKind, ShouldStop
+from napari_cpgcn.training.oaa import OAAStore
+
+__all__ = ["train_image_model", "image_model_meta", "load_split"]
+
+log = logging.getLogger(__name__)
+
+
+def image_model_meta(config: ImageModelConfig) -> dict:
+    """What every image-model checkpoint records and what loading it checks."""
+    return {
+        "model": "cpgcn-image",
+        "classes": list(config.classes),
+        "backbone": config.backbone,
+        "variant": config.variant,
+        "image_size": int(config.image_size),
+        "in_channels": 4,
+        "channels": ["red", "green", "blue", "yellow"],
+        "mean": [float(v) for v in config.mean] if config.mean is not None else None,
+        "std": [float(v) for v in config.std] if config.std is not None else None,
+    }
+
+
+def load_split(run_dir: str | Path) -> dict[str, list[str]] | None:
+    """``{"train": [...], "val": [...]}`` of a run, or None."""
+    p = Path(run_dir) / "split.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _seed_worker(worker_id: int) -> None:  # numpy in workers follows torch's per-worker seed
+    import random
+
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def train_image_model(
+    data_dir: str | Path,
+    labels_csv: str | Path | LabelTable,
+    run_dir: str | Path,
+    config: ImageModelConfig | None = None,
+    should_stop: ShouldStop | None = None,
+    *,
+    resume: bool = True,
+) -> Iterator[Event]:
+    """Train the image model; a generator of progress events (stage ``"image_model"``).
+
+    Parameters
+    ----------
+    data_dir
+        Folder of the images (``ID_red.png`` ... or multi-channel TIFFs; ``images/`` accepted).
+    labels_csv
+        Kaggle ``ID,Label`` CSV (or a :class:`LabelTable`); rows whose images are absent raise.
+    run_dir
+        Output folder (``RUN/image_model`` in a pipeline run).
+    config
+        Settings; default :class:`ImageModelConfig` (the paper's).
+    should_stop
+        Polled after every batch; on True the job ends with a STOPPED event.
+    resume
+        Continue from ``run_dir/latest.pt`` when present.
+
+    Yields
+    ------
+    Event
+        From :func:`~napari_cpgcn.training.engine.fit`; the DONE event's ``result`` is a
+        :class:`~napari_cpgcn.training.engine.FitResult`.
+    """
+    from napari_cpgcn.models import build_image_model
+
+    stage = "image_model"
+    config = config or ImageModelConfig()
+    config.validate()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    table = labels_csv if isinstance(labels_csv, LabelTable) else read_labels_csv(labels_csv)
+    if len(table) == 0:
+        raise ValueError(f"{labels_csv}: no labelled images")
+    if table.labels.shape[1] != len(config.classes):
+        raise ValueError(f"labels have {table.labels.shape[1]} classes, the config {len(config.classes)}")
+    index = ImageIndex(data_dir)
+    missing = [i for i in table.ids if i not in index]
+    if missing:
+        if len(missing) == len(table.ids):
+            raise FileNotFoundError(
+                f"none of the {len(table.ids)} images of {labels_csv} is in {index.folder} (e.g. "
+                f"{missing[0]}); point DATA_DIR to the folder holding ID_red.png ... files")
+        log.warning("%d labelled images are missing from %s and are skipped (e.g. %s)",
+                    len(missing), index.folder, ", ".join(missing[:3]))
+        table = table.subset([i for i in table.ids if i in index])
+
+    # Stable split by image id; a resumed run keeps its recorded split.
+    previous = load_split(run_dir) if resume else None
+    train_ids, val_ids = split_ids(table.ids, config.val_fraction)
+    if previous is not None and (previous["train"], previous["val"]) != (train_ids, val_ids):
+        if set(previous["train"]) | set(previous["val"]) <= set(table.ids):
+            train_ids, val_ids = previous["train"], previous["val"]
+            log.info("using the train/validation split recorded in %s", run_dir / "split.json")
+    atomic_write_text(run_dir / "split.json", json.dumps({"train": train_ids, "val": val_ids}, indent=1) + "\n")
+    train_table, val_table = table.subset(train_ids), table.subset(val_ids)
+
+    cache_dir = None
+    if config.cache:
+        cache_dir = Path(config.cache_dir) if config.cache_dir else run_dir / "cache"
+    train_ds = HPAImageDataset(index.folder, train_table, config.image_size, augment=config.augment,
+                               cache_dir=cache_dir, crop_scale=config.crop_scale, index=index)
+    val_ds = HPAImageDataset(index.folder, val_table, config.image_size, augment=False,
+                             cache_dir=cache_dir, index=index) if val_ids else None
+
+    if config.mean is None or config.std is None:
+        saved = run_dir / "config.json"
+        prev_cfg = ImageModelConfig.load(saved) if (resume and saved.is_file()) else None
+        if prev_cfg is not None and prev_cfg.mean is not None and prev_cfg.std is not None:
+            mean, std = prev_cfg.mean, prev_cfg.std
+        else:
+            yield Event(EventKind.LOG, stage=stage, message="measuring channel statistics of the training images")
+            mean, std = channel_stats(train_ds)
+        config = config.replace(mean=tuple(mean), std=tuple(std))
+    config.save(run_dir / "config.json")
+
+    device = resolve_device(config.device)
+    model = build_image_model(config, label_matrix=train_table.labels)
+    model.image_size = config.image_size
+    msg = (f"{len(train_ids)} training / {len(val_ids)} validation images; {config.variant} on "
+           f"{config.backbone} ({model.backbone.weights_source} init), {config.image_size}px, device {device}")
+    log.info(msg)
+    yield Event(EventKind.LOG, stage=stage, message=msg)
+
+    gen = torch.Generator()
+    gen.manual_seed(config.seed)
+    train_loader = DataLoader(train_ds, batch_size=config.batch_size, shuffle=True, generator=gen,
+                              num_workers=config.num_workers, worker_init_fn=_seed_worker,
+                              pin_memory=device.type == "cuda", drop_last=len(train_ds) % config.batch_size == 1
+                              and len(train_ds) > config.batch_size)
+    val_loader = DataLoader(val_ds, batch_size=config.batch_size, shuffle=False,
+                            num_workers=config.num_workers) if val_ds is not None else None
+
+    batch_hook = None
+    if config.oaa:
+        from napari_cpgcn.models.cpgcn import normalize_cams
+
+        store = OAAStore(run_dir / "oaa", len(config.classes), size=config.oaa_size, threshold=config.oaa_threshold)
+        ids = train_ds.ids
+
+        def batch_hook(output, batch, epoch):
+            logits, cams = output
+            store.update([ids[int(i)] for i in batch["index"]], normalize_cams(cams), torch.sigmoid(logits.float()),
+                         batch["target"], batch["aug"])
+
+    yield from fit(model, train_loader, val_loader, config, run_dir, should_stop,
+                   meta=image_model_meta(config), batch_hook=batch_hook, resume=resume, stage=stage, device=device)
