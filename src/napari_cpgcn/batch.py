@@ -331,8 +331,10 @@ def model_fingerprint(model: str | Path | Any) -> str:
         model = run_dir
     run = resolve_model_path(model)
     h = hashlib.sha1(str(run).encode())
+    # Weights and the run's config only: files a predictor might write (caches, logs) must not
+    # change the fingerprint, or resuming would be refused.
     for f in sorted(run.rglob("*")):
-        if f.suffix in (".pt", ".pth", ".safetensors", ".json") and f.is_file():
+        if (f.suffix in (".pt", ".pth", ".safetensors") or f.name == "config.json") and f.is_file():
             st = f.stat()
             h.update(f"{f.relative_to(run)}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
