@@ -123,3 +123,193 @@ def test_browser_errors_are_notifications(make_napari_viewer, qtbot, tmp_path, m
     assert [n for n, _ in after] == [n for n, _ in before]  # the viewer still shows img0, intact
     for (_, a), (_, b) in zip(before, after, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- predict / table / export
+# A stand-in for napari_cpgcn.pipeline.Predictor with the same call and result shape, so the
+# widgets are tested on their own (the full flow with the real pipeline is in test_gui_flow.py).
+
+class FakePrediction:
+    def __init__(self, image_id, image_probs, cams, cells, table):
+        self.image_id, self.image_probs, self.cams, self.cells, self.table = image_id, image_probs, cams, cells, table
+
+
+class FakePredictor:
+    """Cells = a 2x2 grid of squares; nucleoli (2) everywhere, golgi (7) in the left cells."""
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+        self.calls = []
+
+    def predict(self, image, cells=None, segmentation="classical", with_cams=True):
+        from napari_cpgcn.celltable import cell_geometry
+        from napari_cpgcn.classes import N_CLASSES, SHORT_NAMES
+
+        self.calls.append((image.image_id, cells is not None, segmentation))
+        if self.fail:
+            raise RuntimeError("model exploded")
+        y, x = image.shape
+        if cells is None:
+            cells = np.zeros((y, x), np.uint32)
+            for k, (sy, sx) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+                cells[sy * y // 2 + 2: (sy + 1) * y // 2 - 2, sx * x // 2 + 2: (sx + 1) * x // 2 - 2] = k + 1
+        table = cell_geometry(cells, image.image_id)
+        probs = np.full(N_CLASSES, 0.02)
+        probs[[2, 7]] = [0.9, 0.85]
+        cams = np.zeros((N_CLASSES, y, x), np.float32)
+        cams[2] = 1.0
+        cams[7, :, : x // 2] = 1.0
+        cell = np.full((len(table), N_CLASSES), 0.1)
+        cell[:, 2] = 0.8
+        cell[table["centroid_x"].to_numpy() < x / 2, 7] = 0.95
+        fused = probs[None] * cell
+        for k, s in enumerate(SHORT_NAMES):
+            table[f"image_{s}"] = probs[k]
+        for k, s in enumerate(SHORT_NAMES):
+            table[f"cell_{s}"] = cell[:, k]
+        for k, s in enumerate(SHORT_NAMES):
+            table[f"fused_{s}"] = fused[:, k]
+        table.insert(9, "top_class", [SHORT_NAMES[k] for k in fused.argmax(1)])
+        return FakePrediction(image.image_id, probs, cams, cells, table)
+
+
+@pytest.fixture
+def fake_run(tmp_path, monkeypatch):
+    """A run folder whose predictor is the fake (the widgets load it through batch.load_predictor)."""
+    from napari_cpgcn import batch
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    predictor = FakePredictor()
+    monkeypatch.setattr(batch, "load_predictor", lambda model, device="auto": predictor)
+    return run, predictor
+
+
+def _camera(viewer):
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
+def _open_tiny(viewer, qtbot, folder):
+    from napari_cpgcn._widgets._browser import BrowserWidget
+
+    browser = BrowserWidget(viewer)
+    qtbot.addWidget(browser)
+    with qtbot.waitSignal(browser.image_loaded, timeout=10000):
+        browser.set_folder(folder)
+    return browser
+
+
+def test_predict_adds_cams_cells_features_and_table(make_napari_viewer, qtbot, tmp_path, fake_run):
+    from napari_cpgcn._widgets._predict import PredictWidget
+    from napari_cpgcn.classes import CLASSES
+
+    run, predictor = fake_run
+    viewer = make_napari_viewer()
+    write_tiny_folder(tmp_path / "data", n=2)
+    browser = _open_tiny(viewer, qtbot, tmp_path / "data")
+    w = PredictWidget(viewer)
+    qtbot.addWidget(w)
+    w.set_run(str(run))
+    with qtbot.waitSignal(w.predicted, timeout=10000):
+        w.predict()
+    names = [ly.name for ly in viewer.layers]
+    assert names[-1] == "cells"  # on top
+    assert names[4:6] == [f"CAM {CLASSES[2].name}", f"CAM {CLASSES[7].name}"]
+    cam = viewer.layers[f"CAM {CLASSES[7].name}"]
+    assert cam.blending == "additive" and cam.visible and cam.metadata["probability"] == pytest.approx(0.85)
+    cells = viewer.layers["cells"]
+    feats = cells.features
+    assert list(feats["index"]) == [1, 2, 3, 4]
+    assert list(feats["top_class"]) == ["golgi", "nucleoli", "golgi", "nucleoli"]
+    assert {"fused_golgi", "image_golgi", "cell_golgi", "classes"} <= set(feats.columns)
+    # hovering a cell shows its classes
+    status = cells.get_status((10, 10), world=True)["coordinates"]
+    assert "top_class: golgi" in status and "classes: golgi" in status
+    # the table lists the cells; choosing a row selects and centres the cell
+    assert w.table.table.rowCount() == 4
+    w.table.select_cell(4)
+    assert cells.selected_label == 4
+    np.testing.assert_allclose(_camera(viewer).center[-2:], feats.loc[3, ["centroid_y", "centroid_x"]].astype(float), atol=0.5)
+    cells.selected_label = 3  # selecting in the canvas highlights the row
+    row = w.table.table.selectedItems()[0].row()
+    assert w.table.table.item(row, 0).text() == "3"
+    # colour by top class
+    w.color_by_class.setChecked(True)
+    np.testing.assert_allclose(cells.get_color(1)[:3], np.array([int(CLASSES[7].color[i:i + 2], 16) for i in (1, 3, 5)]) / 255, atol=0.01)
+    w.color_by_class.setChecked(False)
+    # predicting again uses the existing cells layer and replaces, not duplicates, the CAMs
+    qtbot.waitUntil(lambda: w._worker is None, timeout=10000)
+    with qtbot.waitSignal(w.predicted, timeout=10000):
+        w.predict()
+    assert predictor.calls[-1] == ("img0", True, "classical")
+    assert [ly.name for ly in viewer.layers] == names
+    # the next image drops this image's cells and CAMs
+    with qtbot.waitSignal(browser.image_loaded, timeout=10000):
+        browser.next()
+    assert [ly.name for ly in viewer.layers] == [f"img1 {c}" for c in CHANNELS]
+
+
+def test_predict_failure_leaves_viewer_unchanged(make_napari_viewer, qtbot, tmp_path, fake_run, monkeypatch):
+    from napari_cpgcn._widgets import _predict
+
+    run, predictor = fake_run
+    shown = []
+    monkeypatch.setattr(_predict, "notify_error", lambda msg, exc=None: shown.append(msg))
+    viewer = make_napari_viewer()
+    w = _predict.PredictWidget(viewer)
+    qtbot.addWidget(w)
+    w.set_run(str(run))
+    w.predict()  # no image yet
+    assert "no HPA image" in shown[-1]
+    write_tiny_folder(tmp_path / "data", n=1)
+    _open_tiny(viewer, qtbot, tmp_path / "data")
+    w.set_run(str(tmp_path / "nowhere"))
+    w.predict()
+    assert "does not exist" in shown[-1]
+    w.set_run(str(run))
+    predictor.fail = True
+    before = [ly.name for ly in viewer.layers]
+    w.predict()
+    qtbot.waitUntil(lambda: w._worker is None, timeout=10000)
+    assert "model exploded" in shown[-1]
+    assert [ly.name for ly in viewer.layers] == before
+    assert w.predict_btn.isEnabled()
+
+
+def test_export_current_image_and_folder(make_napari_viewer, qtbot, tmp_path, fake_run):
+    import pandas as pd
+
+    from napari_cpgcn._widgets._export import ExportWidget
+    from napari_cpgcn._widgets._predict import PredictWidget
+    from napari_cpgcn.layers import table_columns
+
+    run, _ = fake_run
+    viewer = make_napari_viewer()
+    ids = write_tiny_folder(tmp_path / "data", n=2)
+    _open_tiny(viewer, qtbot, tmp_path / "data")
+    p = PredictWidget(viewer)
+    qtbot.addWidget(p)
+    p.set_run(str(run))
+    with qtbot.waitSignal(p.predicted, timeout=10000):
+        p.predict()
+    w = ExportWidget(viewer)
+    qtbot.addWidget(w)
+    w.csv_edit.setText(str(tmp_path / "out" / "img0.csv"))
+    out = w.export_current()
+    df = pd.read_csv(out)
+    assert list(df.columns) == table_columns()
+    assert list(df["cell_id"]) == [1, 2, 3, 4] and set(df["image_id"]) == {"img0"}
+    np.testing.assert_allclose(df["fused_nucleoli"], p.result.table["fused_nucleoli"], rtol=1e-5)
+    assert list(df["top_class"]) == list(p.result.table["top_class"])
+
+    # whole folder, in a worker, through the batch engine
+    assert w.run_edit.text() == str(run)  # remembered from Predict
+    w.out_edit.setText(str(tmp_path / "folder_out"))
+    with qtbot.waitSignal(w.exported, timeout=30000) as blocker:
+        w.export_folder()
+    qtbot.waitUntil(lambda: w._worker is None, timeout=10000)
+    cells = pd.read_csv(blocker.args[0])
+    assert sorted(set(cells["image_id"])) == ids and len(cells) == 8
+    assert w.progress.value() == 2

@@ -67,12 +67,10 @@ TABLE_BASE_COLUMNS: tuple[str, ...] = (
 
 
 def table_columns() -> list[str]:
-    """All per-cell table columns in their canonical order: base columns, then ``image_S`` for
-    every class, ``cell_S`` for every class, ``fused_S`` for every class."""
-    cols = list(TABLE_BASE_COLUMNS)
-    for prefix in ("image_", "cell_", "fused_"):
-        cols += [f"{prefix}{s}" for s in SHORT_NAMES]
-    return cols
+    """All per-cell prediction table columns in their canonical order (:mod:`napari_cpgcn.celltable`)."""
+    from napari_cpgcn.celltable import prediction_columns
+
+    return prediction_columns()
 
 
 # --------------------------------------------------------------------------- contrast

@@ -1,0 +1,215 @@
+"""Export per-cell CSVs: the current image's table, or a whole folder predicted in a worker.
+
+The current image's CSV is the ``cells`` layer's features in the canonical per-cell column
+order (image id, cell id, centroid, area, bbox, top class, image/cell/fused probability per
+class). The folder export runs :func:`napari_cpgcn.batch.predict_folder` (the same engine as
+``napari-cpgcn predict``: resumable, atomic writes) and leaves ``OUT/cells.csv``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_cpgcn.training.events import Event, EventKind, StopFlag
+
+from ._common import (
+    RUNS,
+    PathEdit,
+    cells_layer_of,
+    channel_layers_of,
+    error_text,
+    load_settings,
+    notify_error,
+    notify_info,
+    start_worker,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ExportWidget", "export_current_table"]
+
+
+def export_current_table(viewer, path: str | Path) -> Path:
+    """Write the current image's per-cell table (from the ``cells`` layer features) as CSV, atomically."""
+    from napari_cpgcn.io.tables import atomic_write_text
+    from napari_cpgcn.layers import table_from_features
+
+    chans = channel_layers_of(viewer)
+    image_id = next(iter(chans.values())).metadata.get("image_id") if chans else None
+    layer = cells_layer_of(viewer, image_id)
+    if layer is None or "index" not in layer.features or len(layer.features) == 0:
+        raise ValueError("no per-cell table yet: run Predict on the image first (the 'cells' layer has no features)")
+    table = table_from_features(layer.features, image_id=layer.metadata.get("image_id") or image_id)
+    path = Path(path)
+    atomic_write_text(path, table.to_csv(index=False, float_format="%.6g"))
+    return path
+
+
+class ExportWidget(QWidget):
+    """Dock widget: per-cell CSV of the current image, or of a whole folder (in a worker)."""
+
+    #: Emitted with the written CSV path.
+    exported = Signal(str)
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self._worker = None
+        self._stop = StopFlag()
+        settings = load_settings()
+
+        self.csv_edit = PathEdit("save", "where to write the current image's CSV", "CSV (*.csv)")
+        self.export_btn = QPushButton("Export current image")
+        self.export_btn.clicked.connect(self.export_current)
+        cur = QGroupBox("Current image")
+        cur_lay = QVBoxLayout(cur)
+        cur_lay.addWidget(self.csv_edit)
+        cur_lay.addWidget(self.export_btn)
+
+        self.folder_edit = PathEdit("dir", "folder of HPA images (default: the browser's)")
+        self.run_edit = PathEdit("dir", "trained run folder")
+        self.run_edit.setText(settings.get("last_run", ""))
+        RUNS.run_added.connect(self.run_edit.setText)
+        self.out_edit = PathEdit("dir", "output folder (cells.csv, masks/, …)")
+        self.folder_btn = QPushButton("Predict + export folder")
+        self.folder_btn.clicked.connect(self.export_folder)
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        self.cancel_btn.clicked.connect(self.cancel)
+        self.progress = QProgressBar()
+        self.progress.setFormat("%v / %m images")
+        fol = QGroupBox("Whole folder")
+        form = QFormLayout(fol)
+        form.addRow("Images", self.folder_edit)
+        form.addRow("Run", self.run_edit)
+        form.addRow("Output", self.out_edit)
+        btns = QHBoxLayout()
+        btns.addWidget(self.folder_btn)
+        btns.addWidget(self.cancel_btn)
+        form.addRow(btns)
+        form.addRow(self.progress)
+
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        lay = QVBoxLayout(self)
+        lay.addWidget(cur)
+        lay.addWidget(fol)
+        lay.addWidget(self.status)
+        lay.addStretch(1)
+
+    # ------------------------------------------------------------------ current image
+
+    def export_current(self) -> Path | None:
+        path = self.csv_edit.text()
+        if not path:
+            chans = channel_layers_of(self.viewer)
+            image_id = next(iter(chans.values())).metadata.get("image_id") if chans else "cells"
+            path = str(Path(load_settings().get("export_dir", str(Path.home()))) / f"{image_id}_cells.csv")
+            self.csv_edit.setText(path)
+        try:
+            out = export_current_table(self.viewer, path)
+        except Exception as e:
+            notify_error(f"export failed: {error_text(e)}", e)
+            return None
+        self.status.setText(f"wrote {out}")
+        notify_info(f"per-cell table written to {out}")
+        self.exported.emit(str(out))
+        return out
+
+    # ------------------------------------------------------------------ whole folder
+
+    def _default_folder(self) -> str:
+        chans = channel_layers_of(self.viewer)
+        p = next(iter(chans.values())).metadata.get("path") if chans else ""
+        return str(Path(p).parent) if p else load_settings().get("browser_folder", "")
+
+    def export_folder(self) -> None:
+        """Predict every image of the folder in a worker and assemble ``OUT/cells.csv``."""
+        if self._worker is not None:
+            return
+        folder = self.folder_edit.text() or self._default_folder()
+        run, out = self.run_edit.text(), self.out_edit.text()
+        try:
+            if not folder:
+                raise ValueError("choose the folder of images to export")
+            if not run:
+                raise ValueError("choose a trained run folder")
+            if not out:
+                raise ValueError("choose an output folder")
+            from napari_cpgcn.batch import resolve_model_path
+            from napari_cpgcn.io.hpa import list_image_ids
+
+            resolve_model_path(run)
+            if not list_image_ids(folder):
+                raise FileNotFoundError(f"{folder} holds no HPA images")
+        except Exception as e:
+            notify_error(error_text(e), e)
+            return
+        self.folder_edit.setText(folder)
+        self._stop.clear()
+        self.folder_btn.setEnabled(False)
+        self.cancel_btn.setEnabled(True)
+        self.progress.setValue(0)
+        self.status.setText(f"predicting {folder} …")
+        device = load_settings().get("device", "auto")
+        self._worker = start_worker(
+            _predict_folder_events, folder, run, out, device, self._stop,
+            on_yield=self._on_event,
+            on_error=lambda e: self._done(f"folder export failed: {error_text(e)}", e),
+            on_finish=self._finished,
+        )
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self.status.setText("stopping after the images in flight …")
+
+    def _on_event(self, ev: Event) -> None:
+        if ev.kind in (EventKind.STAGE_START, EventKind.ITEM):
+            if ev.n_batches:
+                self.progress.setMaximum(ev.n_batches)
+                self.progress.setValue(ev.batch)
+            if ev.message:
+                self.status.setText(ev.message)
+        elif ev.kind == EventKind.DONE:
+            summary = ev.result
+            paths = getattr(summary, "paths", {}) or {}
+            cells_csv = Path(paths.get("cells") or Path(self.out_edit.text()) / "cells.csv")
+            failed = getattr(summary, "n_failed", 0)
+            msg = f"wrote {cells_csv}" + (f" ({failed} images failed: see failures.csv)" if failed else "")
+            self._done(msg)
+            self.exported.emit(str(cells_csv))
+        elif ev.kind == EventKind.STOPPED:
+            self._done("stopped; rerun to resume (finished images are kept)")
+
+    def _done(self, message: str, exc: BaseException | None = None) -> None:
+        self.status.setText(message)
+        if exc is not None:
+            notify_error(message, exc)
+        else:
+            notify_info(message)
+
+    def _finished(self) -> None:
+        self._worker = None
+        self.folder_btn.setEnabled(True)
+        self.cancel_btn.setEnabled(False)
+
+
+def _predict_folder_events(folder: str, run: str, out: str, device: str, should_stop):
+    """Worker body: :func:`napari_cpgcn.batch.predict_folder` with the GUI's device."""
+    from napari_cpgcn.batch import BatchOptions, predict_folder
+
+    yield from predict_folder(folder, run, out, BatchOptions(device=device, workers=1, batch_size=1),
+                              should_stop=should_stop)

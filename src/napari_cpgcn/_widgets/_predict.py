@@ -1,0 +1,276 @@
+"""Predict: run a trained CP-GCN pipeline on the image in the viewer.
+
+The worker loads the model (cached per run and device), segments the image unless a ``cells``
+layer is there, runs the image and cell models and builds every layer tuple; the GUI thread
+then swaps the results in at once (old CAM layers out, new ones in, the ``cells`` layer's data
+and features replaced). A failure or a changed image leaves the viewer as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_cpgcn.classes import CLASSES
+from napari_cpgcn.layers import LayerDataTuple, cam_layers, cells_layer, roles, top_class_color_dict
+
+from ._common import (
+    RUNS,
+    cells_layer_of,
+    current_image,
+    error_text,
+    load_settings,
+    notify_error,
+    notify_info,
+    remove_layers,
+    start_worker,
+    update_settings,
+)
+from ._table import CellTableWidget
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PredictWidget", "PredictResult", "run_prediction"]
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+#: (label, predictor ``segmentation`` argument); None = the viewer's ``cells`` layer.
+SEGMENTATIONS = (("'cells' layer if present, else classical", None),
+                 ("classical (no weights)", "classical"),
+                 ("cellpose", "cellpose"))
+
+
+@dataclass
+class PredictResult:
+    """What the worker hands the GUI thread."""
+
+    image_id: str
+    image_probs: np.ndarray
+    cams: list[LayerDataTuple]
+    cells: LayerDataTuple
+    table: Any  # pandas DataFrame
+
+
+def run_prediction(
+    model: str,
+    device: str,
+    image,
+    cells: np.ndarray | None,
+    segmentation: str,
+    cam_threshold: float = 0.3,
+    n_visible: int = 3,
+) -> PredictResult:
+    """Worker body (no Qt): predict one image and build its layer tuples."""
+    from napari_cpgcn import batch
+
+    predictor = batch.load_predictor(model, device)
+    pred = predictor.predict(image, cells=cells, segmentation=segmentation, with_cams=True)
+    cams = [] if pred.cams is None else cam_layers(
+        pred.cams, pred.image_probs, image_id=image.image_id, threshold=cam_threshold, n_visible=n_visible)
+    return PredictResult(
+        image_id=image.image_id,
+        image_probs=np.asarray(pred.image_probs),
+        cams=cams,
+        cells=cells_layer(np.asarray(pred.cells), pred.table, image_id=image.image_id),
+        table=pred.table,
+    )
+
+
+class PredictWidget(QWidget):
+    """Dock widget: choose a trained run and device, predict the current image."""
+
+    #: Emitted (image id) once the results are in the viewer.
+    predicted = Signal(str)
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.result: PredictResult | None = None
+        self._worker = None
+
+        self.run_combo = QComboBox()
+        self.run_combo.setEditable(True)
+        self.run_combo.setToolTip("a trained run folder (napari-cpgcn train / the Train widget)")
+        self.run_combo.lineEdit().setPlaceholderText("trained run folder")
+        browse = QPushButton("…")
+        browse.setMaximumWidth(30)
+        browse.clicked.connect(self._browse_run)
+        run_row = QHBoxLayout()
+        run_row.addWidget(self.run_combo, 1)
+        run_row.addWidget(browse)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(DEVICES)
+        self.seg_combo = QComboBox()
+        self.seg_combo.addItems([label for label, _ in SEGMENTATIONS])
+        self.threshold = QDoubleSpinBox()
+        self.threshold.setRange(0.0, 1.0)
+        self.threshold.setSingleStep(0.05)
+        self.threshold.setValue(0.3)
+        self.threshold.setToolTip("classes with an image-level probability above this get a CAM layer")
+        self.n_visible = QSpinBox()
+        self.n_visible.setRange(0, 19)
+        self.n_visible.setValue(3)
+        self.n_visible.setToolTip("CAM layers of the most probable classes shown; the others are added hidden")
+        self.color_by_class = QCheckBox("colour cells by top class")
+        self.color_by_class.toggled.connect(self._apply_colors)
+        self.predict_btn = QPushButton("Predict")
+        self.predict_btn.clicked.connect(self.predict)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.probs_label = QLabel("")
+        self.probs_label.setWordWrap(True)
+        self.table = CellTableWidget(napari_viewer)
+
+        form = QFormLayout()
+        form.addRow("Run", run_row)
+        form.addRow("Device", self.device_combo)
+        form.addRow("Cells", self.seg_combo)
+        form.addRow("CAM threshold", self.threshold)
+        form.addRow("CAMs shown", self.n_visible)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(self.color_by_class)
+        lay.addWidget(self.predict_btn)
+        lay.addWidget(self.status)
+        lay.addWidget(self.probs_label)
+        lay.addWidget(self.table, 1)
+
+        settings = load_settings()
+        for run in RUNS.runs():
+            self.run_combo.addItem(run)
+        last = settings.get("last_run")
+        if last:
+            self.set_run(last)
+        if settings.get("device") in DEVICES:
+            self.device_combo.setCurrentText(settings["device"])
+        RUNS.run_added.connect(self.set_run)
+
+    # ------------------------------------------------------------------ run choice
+
+    def set_run(self, run: str) -> None:
+        """Make ``run`` the chosen run (adds it to the list)."""
+        if self.run_combo.findText(run) < 0:
+            self.run_combo.insertItem(0, run)
+        self.run_combo.setCurrentText(run)
+
+    def _browse_run(self) -> None:
+        start = self.run_combo.currentText() or str(Path.home())
+        path = QFileDialog.getExistingDirectory(self, "Choose a trained run folder", start)
+        if path:
+            self.set_run(path)
+
+    # ------------------------------------------------------------------ predict
+
+    def predict(self) -> None:
+        """Start a prediction of the current image (inputs are checked first)."""
+        if self._worker is not None:
+            return
+        run = self.run_combo.currentText().strip()
+        image = current_image(self.viewer)
+        try:
+            if image is None:
+                raise ValueError("no HPA image in the viewer: open one (File > Open, or the HPA browser) first")
+            if not run:
+                raise ValueError("choose a trained run folder first (Train widget or `napari-cpgcn train`)")
+            from napari_cpgcn.batch import resolve_model_path
+
+            run = str(resolve_model_path(run))
+        except Exception as e:
+            notify_error(error_text(e), e)
+            return
+        seg = SEGMENTATIONS[self.seg_combo.currentIndex()][1]
+        cells = None
+        if seg is None:
+            layer = cells_layer_of(self.viewer, image.image_id)
+            if layer is not None and tuple(layer.data.shape) == image.shape:
+                cells = np.asarray(layer.data)
+            seg = "classical"
+        device = self.device_combo.currentText()
+        update_settings(last_run=run, device=device)
+        self.predict_btn.setEnabled(False)
+        self.status.setText(f"predicting {image.image_id} with {Path(run).name} on {device} …")
+        self._worker = start_worker(
+            run_prediction, run, device, image, cells, seg,
+            float(self.threshold.value()), int(self.n_visible.value()),
+            on_return=self._apply,
+            on_error=self._failed,
+            on_finish=self._finished,
+        )
+
+    def _failed(self, exc: BaseException) -> None:
+        self.status.setText("prediction failed; the viewer is unchanged")
+        notify_error(f"prediction failed: {error_text(exc)}", exc)
+
+    def _finished(self) -> None:
+        self._worker = None
+        self.predict_btn.setEnabled(True)
+
+    def _apply(self, res: PredictResult) -> None:
+        """Put a prediction into the viewer in one go (GUI thread)."""
+        from napari.layers import Layer
+
+        image = current_image(self.viewer)
+        if image is None or image.image_id != res.image_id:
+            notify_info(f"the image changed during prediction; results for {res.image_id} were not shown")
+            self.status.setText("")
+            return
+        try:  # build every layer before touching the viewer: a failure here changes nothing
+            new_cams = [Layer.create(d, kw, t) for d, kw, t in res.cams]
+            cells_data, cells_kw, _ = res.cells
+            cells_new = Layer.create(cells_data, cells_kw, "labels")
+        except Exception as e:
+            self._failed(e)
+            return
+        remove_layers(self.viewer, roles(self.viewer.layers, "cam"))
+        for layer in new_cams:
+            self.viewer.add_layer(layer)
+        cells = cells_layer_of(self.viewer, res.image_id)
+        if cells is None:
+            cells = self.viewer.add_layer(cells_new)
+        else:
+            if cells.data.shape != cells_data.shape or not np.array_equal(cells.data, cells_data):
+                cells.data = cells_data
+            cells.features = cells_new.features
+            cells.metadata = {**cells.metadata, **cells_kw["metadata"]}
+        self.viewer.layers.move(self.viewer.layers.index(cells), len(self.viewer.layers))
+        self.result = res
+        self.table.set_layer(cells)
+        self._apply_colors()
+        self._show_probs(res)
+        self.status.setText(f"{res.image_id}: {len(res.table)} cells, {len(res.cams)} CAM layers")
+        self.predicted.emit(res.image_id)
+
+    def _show_probs(self, res: PredictResult) -> None:
+        order = np.argsort(-res.image_probs, kind="stable")[:5]
+        parts = [f'<span style="color:{CLASSES[k].color}">■</span> {CLASSES[k].name} {res.image_probs[k]:.2f}'
+                 for k in order if res.image_probs[k] >= 0.05 or k == order[0]]
+        self.probs_label.setText("<b>Image:</b> " + ", ".join(parts))
+
+    def _apply_colors(self, *_: Any) -> None:
+        cells = self.table.layer
+        if cells is None or self.result is None:
+            return
+        if self.color_by_class.isChecked():
+            cells.colormap = top_class_color_dict(self.result.table)
+        else:
+            from napari.utils.colormaps import label_colormap
+
+            cells.colormap = label_colormap(max(int(np.max(cells.data)) + 1, 50), seed=0.5)
+
