@@ -1,0 +1,173 @@
+"""End-to-end pipeline on tiny synthetic data: stages, resume, prediction, refinement clustering."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from napari_cpgcn.celltable import PREDICTION_COLUMNS  # noqa: E402
+from napari_cpgcn.classes import N_CLASSES  # noqa: E402
+from napari_cpgcn.training.events import EventKind, StopFlag  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory):
+    from napari_cpgcn.synth import generate_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    generate_dataset(out, 8, size=96, seed=3, heterogeneity=0.5)
+    return out
+
+
+def _tiny():
+    from napari_cpgcn.pipeline import PipelineConfig
+
+    return PipelineConfig.tiny(image_size=64, epochs=1, device="cpu")
+
+
+def _drain(events):
+    return list(events)
+
+
+@pytest.fixture(scope="module")
+def trained_run(synth_data, tmp_path_factory):
+    from napari_cpgcn.pipeline import train_pipeline
+
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("run")
+    events = _drain(train_pipeline(synth_data / "images", synth_data / "train.csv", run, _tiny()))
+    return run, events
+
+
+def test_train_pipeline_stages_and_outputs(trained_run):
+    from napari_cpgcn.pipeline import STAGES, finished_stages
+
+    run, events = trained_run
+    assert events[-1].kind == EventKind.DONE
+    starts = [e.stage for e in events if e.kind == EventKind.STAGE_START]
+    ends = [e.stage for e in events if e.kind == EventKind.STAGE_END]
+    assert starts == list(STAGES) and ends == list(STAGES)
+    # every event in a stage carries its stage tag
+    assert all(e.stage in STAGES for e in events[:-1])
+    assert {e.stage for e in events if e.kind == EventKind.EPOCH_END} == {"image_model", "refine", "cell_model"}
+    for p in ("config.json", "stages.json", "image_model/best.pt", "refine/best.pt", "pseudolabels.csv",
+              "cell_model/best.pt", "cell_model/latest.pt"):
+        assert (run / p).is_file(), p
+    assert len(list((run / "segmentation").glob("*.tif"))) == 8
+    assert finished_stages(run) == list(STAGES)
+
+
+def test_rerun_skips_finished_stages(trained_run, synth_data):
+    from napari_cpgcn.pipeline import train_pipeline
+
+    run, _ = trained_run
+    mtime = (run / "cell_model" / "best.pt").stat().st_mtime_ns
+    events = _drain(train_pipeline(synth_data / "images", synth_data / "train.csv", run, _tiny()))
+    ends = [e for e in events if e.kind == EventKind.STAGE_END]
+    assert len(ends) == 5 and all("skipped" in e.message for e in ends)
+    assert not any(e.kind in (EventKind.EPOCH_START, EventKind.BATCH, EventKind.ITEM) for e in events)
+    assert (run / "cell_model" / "best.pt").stat().st_mtime_ns == mtime
+
+
+def test_changed_stage_settings_redo_that_stage_and_later(trained_run, synth_data, tmp_path):
+    import shutil
+
+    from napari_cpgcn.pipeline import train_pipeline
+
+    run0, _ = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    cfg = _tiny()
+    cfg.pseudo.threshold = 0.7
+    events = _drain(train_pipeline(synth_data / "images", synth_data / "train.csv", run, cfg))
+    skipped = [e.stage for e in events if e.kind == EventKind.STAGE_END and "skipped" in e.message]
+    redone = [e.stage for e in events if e.kind == EventKind.STAGE_END and "skipped" not in e.message]
+    assert skipped == ["image_model", "refine", "segmentation"]
+    assert redone == ["pseudolabels", "cell_model"]
+    # the cell model was trained again from scratch, not resumed from the old latest.pt
+    assert any(e.kind == EventKind.EPOCH_START and e.stage == "cell_model" for e in events)
+
+
+def test_stop_then_resume(synth_data, tmp_path):
+    """A stop during the image model ends the run with STOPPED; the rerun finishes it and no stage runs twice."""
+    from napari_cpgcn.pipeline import finished_stages, train_pipeline
+
+    flag = StopFlag()
+    run = tmp_path / "run"
+    events = []
+    for ev in train_pipeline(synth_data / "images", synth_data / "train.csv", run, _tiny(), flag):
+        events.append(ev)
+        if ev.kind == EventKind.STAGE_END and ev.stage == "refine":
+            flag.set()
+    assert events[-1].kind == EventKind.STOPPED
+    assert finished_stages(run) == ["image_model", "refine"]
+    flag.clear()
+    events = _drain(train_pipeline(synth_data / "images", synth_data / "train.csv", run, None, flag))
+    ran = [e.stage for e in events if e.kind == EventKind.STAGE_END and "skipped" not in e.message]
+    assert ran == ["segmentation", "pseudolabels", "cell_model"]
+    assert events[-1].kind == EventKind.DONE
+
+
+def test_predictor_returns_a_row_per_cell(trained_run, synth_data):
+    from napari_cpgcn.io.hpa import list_image_ids, read_image
+    from napari_cpgcn.pipeline import CellPrediction, Predictor, predict
+
+    run, _ = trained_run
+    pred = Predictor.from_run(run, device="cpu")
+    iid = list_image_ids(synth_data / "images")[0]
+    img = read_image(synth_data / "images", image_id=iid)
+    out = pred.predict(img)
+    assert isinstance(out, CellPrediction)
+    assert out.image_id == iid
+    assert out.image_probs.shape == (N_CLASSES,)
+    assert out.cams.shape == (N_CLASSES, *img.shape)
+    assert out.cells.dtype == np.uint32 and out.cells.shape == img.shape
+    ids = np.unique(out.cells)
+    ids = ids[ids > 0]
+    assert len(out.table) == len(ids) > 0
+    assert list(out.table["cell_id"]) == list(ids)
+    assert list(out.table.columns) == list(PREDICTION_COLUMNS)
+    # fusion: fused = image x cell, kept with both parts
+    np.testing.assert_allclose(out.fused_probs, out.cell_probs * out.image_probs[None], rtol=1e-6)
+    # given cells (the truth mask) and no CAMs
+    from napari_cpgcn.evaluation.cell import CellTruth
+
+    truth = CellTruth.load(synth_data)
+    cells = truth.mask(iid)
+    out2 = predict(img.data, run, device="cpu", cells=cells, with_cams=False, image_id="x")
+    assert out2.cams is None and len(out2.table) == len(np.unique(cells)) - 1
+    assert (out2.table["image_id"] == "x").all()
+
+
+def test_cluster_subcategories():
+    from napari_cpgcn.training.subcategory import _sub_targets, cluster_subcategories
+
+    rng = np.random.default_rng(0)
+    # class 0: two well separated groups; class 1: a single image; class 2: absent
+    f = np.concatenate([rng.normal([5, 0, 0], 0.1, (6, 3)), rng.normal([0, 5, 0], 0.1, (6, 3))])
+    labels = np.zeros((12, N_CLASSES), np.uint8)
+    labels[:, 0] = 1
+    labels[0, 1] = 1
+    a = cluster_subcategories(f, labels, k=2)
+    assert len(set(a[:6, 0])) == 1 and len(set(a[6:, 0])) == 1 and a[0, 0] != a[6, 0]
+    assert a[0, 1] == 0 and (a[1:, 1] == -1).all() and (a[:, 2] == -1).all()
+    t = _sub_targets(a, 2)
+    assert t.shape == (12, N_CLASSES * 2) and t.sum() == 13
+    # K = 1: no clustering
+    assert (cluster_subcategories(f, labels, k=1)[:, 0] == 0).all()
+
+
+def test_pipeline_config_round_trip(tmp_path):
+    from napari_cpgcn.pipeline import PipelineConfig
+
+    cfg = PipelineConfig.tiny()
+    cfg.save(tmp_path / "c.json")
+    back = PipelineConfig.load(tmp_path / "c.json")
+    assert back.to_dict() == cfg.to_dict()
+    paper = PipelineConfig.paper()
+    assert paper.refine.k == 10 and paper.refine.rounds == 3 and paper.cell.backbone == "resnet50"
+    assert json.loads((tmp_path / "c.json").read_text())["cell"]["crop_size"] == 32
