@@ -49,6 +49,7 @@ __all__ = [
     "generate_dataset",
     "iter_generate_dataset",
     "synth_sample",
+    "composite",
     "sample_label_set",
     "load_label_stats",
     "PATTERNS",
@@ -105,10 +106,18 @@ class SynthImage:
         return {i + 1: set(np.flatnonzero(row).tolist()) for i, row in enumerate(self.cell_labels)}
 
     def composite(self) -> np.ndarray:
-        """(Y, X, 3) uint8 RGB composite as HPA shows it (yellow adds to red and green)."""
-        r, g, b, y = (c.astype(np.float32) for c in self.data)
-        rgb = np.stack([r + 0.6 * y, g + 0.6 * y, b], axis=-1)
-        return np.clip(rgb, 0, 255).astype(np.uint8)
+        """(Y, X, 3) uint8 RGB composite as HPA shows it (see :func:`composite`)."""
+        return composite(self.data)
+
+
+def composite(data: np.ndarray) -> np.ndarray:
+    """(Y, X, 3) uint8 RGB composite of a (4, Y, X) HPA image; yellow adds to red and green."""
+    d = data.astype(np.float32)
+    if data.dtype == np.uint16:
+        d /= 257.0
+    r, g, b, y = d
+    rgb = np.stack([r + y, g + y, b], axis=-1)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
 # ============================================================================ label statistics
@@ -153,17 +162,35 @@ def _normalise(a: np.ndarray) -> np.ndarray:
     return a / s if s > 0 else a
 
 
+@functools.lru_cache(maxsize=32)
+def _interp_weights(n_out: int, n_in: int, f: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and weights for linear upsampling by ``f`` (the small field has a 1-px margin)."""
+    pos = (np.arange(n_out) + 0.5) / f - 0.5 + 1.0
+    i0 = np.clip(np.floor(pos).astype(np.intp), 0, n_in - 2)
+    w = (pos - i0).clip(0, 1).astype(np.float32)
+    return i0, w
+
+
+def _upsample(a: np.ndarray, shape: tuple[int, int], f: int) -> np.ndarray:
+    """Separable bilinear upsampling with gathers (no BLAS: its threads spin on busy machines)."""
+    i0, w = _interp_weights(shape[0], a.shape[0], f)
+    a = a[i0] * (1 - w)[:, None] + a[i0 + 1] * w[:, None]
+    j0, v = _interp_weights(shape[1], a.shape[1], f)
+    return a[:, j0] * (1 - v) + a[:, j0 + 1] * v
+
+
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
     """Zero-mean, unit-std Gaussian random field with correlation length ``sigma`` pixels.
 
-    Large sigmas are made at low resolution and upsampled (much cheaper than a wide filter).
+    Large sigmas are made at low resolution and upsampled bilinearly, far cheaper than a wide
+    filter at full resolution.
     """
     f = max(1, int(sigma // 2))
     small = (shape[0] // f + 3, shape[1] // f + 3)
     n = rng.standard_normal(small, dtype=np.float32)
     n = ndi.gaussian_filter(n, sigma / f, mode="wrap", truncate=3.0)
     if f > 1:
-        n = ndi.zoom(n, f, order=1, prefilter=False, grid_mode=False)
+        n = _upsample(n, shape, f)
     return _normalise(n[: shape[0], : shape[1]]).astype(np.float32)
 
 
@@ -265,8 +292,8 @@ def _make_layout(rng: np.random.Generator, shape: tuple[int, int], scale: float,
                  n_mitotic: int, density: float) -> _Layout:
     H, W = shape
     area_ref = (H / scale) * (W / scale) / 512**2
-    n_target = max(1, int(round(rng.uniform(8, 26) * density * area_ref)))
-    pts = _throw_seeds(rng, shape, scale, n_target, min_dist=62 * scale)
+    n_target = max(1, int(round(rng.uniform(7, 26) * density * area_ref)))
+    pts = _throw_seeds(rng, shape, scale, n_target, min_dist=64 * scale)
     # Mitotic cells must be inside the image: pick the seeds nearest the middle region.
     n = len(pts)
     inside = np.flatnonzero((pts[:, 0] > 40 * scale) & (pts[:, 0] < H - 40 * scale)
@@ -284,12 +311,12 @@ def _make_layout(rng: np.random.Generator, shape: tuple[int, int], scale: float,
         return np.concatenate([[0.0], v]).astype(np.float64)
 
     cy, cx = col(pts[:, 0]), col(pts[:, 1])
-    a = col(rng.uniform(17, 30, n) * scale)
-    b = a * col(rng.uniform(0.55, 0.95, n))
+    a = col(rng.uniform(22, 36, n) * scale)
+    b = a * col(rng.uniform(0.55, 0.9, n))
     theta = col(rng.uniform(0, np.pi, n))
-    R0 = np.maximum(a * col(rng.uniform(1.9, 2.9, n)), 1.7 * a)
+    R0 = np.maximum(a * col(rng.uniform(1.6, 2.6, n)), 1.5 * a)
     harm = np.zeros((n + 1, 3, 2))
-    amp = rng.uniform(0, 1, (n, 3)) * np.array([0.25, 0.35, 0.12])
+    amp = rng.uniform(0, 1, (n, 3)) ** 0.7 * np.array([0.3, 0.6, 0.15])
     ph = rng.uniform(0, 2 * np.pi, (n, 3))
     # The elongation (2nd harmonic) follows the nucleus axis, as in real cells.
     ph[:, 1] = theta[1:] * 2 + rng.normal(0, 0.3, n)
@@ -321,7 +348,7 @@ def _make_layout(rng: np.random.Generator, shape: tuple[int, int], scale: float,
         sub[win] = rho[win]
         lab[y0:y1, x0:x1][win] = i
 
-    wob = _smooth_noise(rng, shape, 9 * scale)
+    wob = 0.5 * _smooth_noise(rng, shape, 8 * scale) + _smooth_noise(rng, shape, 22 * scale)
     rho_eff = best * (1 + np.float32(0.07) * wob)
     lab[rho_eff >= 1] = 0
 
@@ -422,7 +449,7 @@ class _Ctx:
                 ct, st = np.cos(L.theta[i]), np.sin(L.theta[i])
                 ys += list(L.cy[i] + uu * st + vv * ct)
                 xs += list(L.cx[i] + uu * ct - vv * st)
-                rs += list(rng.uniform(0.1, 0.2, k) * L.b[i] + 1.0 * self.s)
+                rs += list(rng.uniform(0.12, 0.24, k) * L.b[i] + 1.0 * self.s)
             return np.array(ys), np.array(xs), np.array(rs), np.ones(len(ys))
         return self.cached("nucleoli", make)
 
@@ -433,6 +460,12 @@ class _Ctx:
             tex = _smooth_noise(self.rng("nucleoli_tex"), self.shape, 1.2 * self.s)
             return m * (0.8 + 0.2 * np.tanh(tex)) * self.L.nuc
         return self.cached("nucleoli_map", make)
+
+    def edge_fade(self) -> np.ndarray:
+        """Cytoplasm thins out toward the free cell edge: 1 inside, falling to ~0.3 at the edge."""
+        def make() -> np.ndarray:
+            return (0.3 + 0.7 * np.clip((1.0 - self.L.rho) / 0.25, 0, 1)).astype(np.float32)
+        return self.cached("edge_fade", make)
 
     def cell_edges(self) -> np.ndarray:
         """1 on cell outlines (also borders between touching cells), blurred."""
@@ -458,26 +491,86 @@ class _Ctx:
         """ER density: high next to the nucleus (nuclear envelope), falling to the cell edge."""
         def make() -> np.ndarray:
             L = self.L
-            env = (0.15 + 0.85 * np.exp(-L.t / 0.3)) * L.cyto
+            env = (0.08 + 0.92 * np.exp(-L.t / 0.3)) * L.cyto * self.edge_fade()
             ring = np.exp(-(((L.rn - 1.0) / 0.08) ** 2)) * (L.lab > 0)
             return np.maximum(env, 0.6 * ring).astype(np.float32)
         return self.cached("er_env", make)
 
     def microtubules(self) -> np.ndarray:
-        """Radial filaments: an angular random pattern per cell, warped by smooth noise."""
+        """Microtubules: long, slightly wavy filaments radiating from near the nucleus."""
         def make() -> np.ndarray:
-            L, rng = self.L, self.rng("mt")
-            K = 720
-            tab = rng.standard_normal((L.n + 1, K)).astype(np.float32)
-            tab = ndi.gaussian_filter1d(tab, 0.7, axis=1, mode="wrap")
-            tab = np.clip((tab - 0.5) / 1.0, 0, None)
-            warp = _smooth_noise(rng, self.shape, 12 * self.s) * 0.12
-            curl = _smooth_noise(rng, self.shape, 4 * self.s) * 0.02
-            k = ((L.phi + warp + curl + np.pi) / (2 * np.pi) * K).astype(np.intp) % K
-            fil = tab[L.lab, k]
-            # Filaments are straighter and sparser toward the periphery.
-            return fil * (L.lab > 0)
+            pts = _walk_filaments(self, "mt", 0.006, (15, 50), "radial", turn=0.2, pull=0.07)
+            fil = ndi.gaussian_filter(pts, 0.45 * self.s + 0.3, truncate=3.0) * 2.2
+            return np.minimum(fil, 1.6)
         return self.cached("mt", make)
+
+
+def _walk_filaments(
+    C: "_Ctx", name: str, density: float, n_steps: tuple[int, int], mode: str,
+    turn: float, pull: float, start_mask: np.ndarray | None = None,
+    cell_angle: np.ndarray | None = None, step: float = 1.2,
+) -> np.ndarray:
+    """Filaments as persistent random walks, drawn as chains of points (vectorised over walks).
+
+    Parameters
+    ----------
+    density
+        Walk starts per cytoplasm pixel.
+    n_steps
+        Range of walk lengths (steps of ``step * scale`` pixels).
+    mode
+        Preferred direction: ``"radial"`` (away from the nucleus centre), ``"tangential"``
+        (around it) or ``"axis"`` (along ``cell_angle`` of the cell, either way).
+    turn
+        Std of the random turn per step (radians): the waviness.
+    pull
+        How strongly the direction relaxes toward the preferred one per step (0..1).
+
+    Walks stop when they leave their cell or enter the nucleus; returns the point density
+    (before blur; the caller blurs it).
+    """
+    L, rng = C.L, C.rng(name)
+    H, W = C.shape
+    mask = L.cyto if start_mask is None else start_mask
+    ys, xs, cid = C.points_in(name + "_starts", mask, density / max(C.s, 0.1) ** 2)
+    n = len(ys)
+    out = np.zeros(H * W, np.float32)
+    if n == 0:
+        return out.reshape(H, W)
+    cy, cx = L.cy[cid], L.cx[cid]
+
+    def preferred(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        if mode == "axis":
+            return cell_angle[cid]
+        radial = np.arctan2(y - cy, x - cx)
+        return radial + (np.pi / 2 if mode == "tangential" else 0.0)
+
+    ang = preferred(ys, xs) + rng.normal(0, 0.3, n)
+    if mode != "radial":  # either way along the preferred line
+        ang = ang + np.pi * (rng.uniform(size=n) < 0.5)
+    length = rng.integers(n_steps[0], n_steps[1] + 1, n)
+    amp = rng.uniform(0.5, 1.0, n).astype(np.float32)
+    alive = np.ones(n, bool)
+    d = step * C.s + 0.2
+    y, x = ys.copy(), xs.copy()
+    lab = L.lab.ravel()
+    nuc = L.nuc.ravel()
+    for j in range(int(length.max())):
+        yi = np.clip(y.astype(np.intp), 0, H - 1)
+        xi = np.clip(x.astype(np.intp), 0, W - 1)
+        flat = yi * W + xi
+        alive &= (j < length) & (lab[flat] == cid) & ~nuc[flat] & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        if not alive.any():
+            break
+        out += np.bincount(flat[alive], weights=amp[alive], minlength=H * W).astype(np.float32)
+        target = preferred(y, x)
+        diff = np.angle(np.exp(1j * (target - ang)))
+        if mode != "radial":  # a line has no direction: relax to the nearer of the two
+            diff = np.where(np.abs(diff) > np.pi / 2, diff - np.sign(diff) * np.pi, diff)
+        ang = ang + pull * diff + rng.normal(0, turn, n)
+        y = y + d * np.sin(ang)
+        x = x + d * np.cos(ang)
+    return out.reshape(H, W)
 
 
 # ============================================================================ green patterns
@@ -499,7 +592,7 @@ def _p_nuclear_membrane(C: _Ctx) -> np.ndarray:
 
 
 def _p_nucleoli(C: _Ctx) -> np.ndarray:
-    return C.nucleoli_map() + 0.04 * C.L.nuc
+    return 1.8 * C.nucleoli_map() + 0.05 * C.L.nuc
 
 
 def _p_nucleoli_fc(C: _Ctx) -> np.ndarray:
@@ -550,35 +643,28 @@ def _p_golgi(C: _Ctx) -> np.ndarray:
         rs += list(rng.uniform(1.2, 2.8, k) * C.s)
         amps += list(rng.uniform(0.6, 1.0, k))
     g = _render_blobs(C.shape, ys, xs, rs, amps, soft=0.7 * C.s + 0.2)
-    return g * (L.lab > 0) * ~L.nuc
+    return 1.8 * g * (L.lab > 0) * ~L.nuc
 
 
 def _p_intermediate_filaments(C: _Ctx) -> np.ndarray:
+    """Long wavy filaments wrapping around the nucleus (a perinuclear cage)."""
     L = C.L
-    f = _smooth_noise(C.rng("if"), C.shape, 7 * C.s)
-    lines = np.exp(-(np.sin(np.pi * 2.2 * f) ** 2) / 0.03)
-    f2 = _smooth_noise(C.rng("if2"), C.shape, 11 * C.s)
-    lines2 = np.exp(-(np.sin(np.pi * 1.6 * f2) ** 2) / 0.03)
-    env = (0.35 + 0.65 * np.exp(-L.t / 0.45)) * L.cyto
-    return np.maximum(lines, 0.8 * lines2) * env
+    pts = _walk_filaments(C, "if", 0.006, (30, 70), "tangential", turn=0.2, pull=0.08)
+    fil = np.minimum(ndi.gaussian_filter(pts, 0.55 * C.s + 0.3, truncate=3.0) * 3.0, 1.5)
+    env = 0.4 + 0.6 * np.exp(-L.t / 0.5)
+    return (fil * env + 0.06) * L.cyto
 
 
 def _p_actin(C: _Ctx) -> np.ndarray:
+    """Straight stress fibres along the cell's long axis plus a bright cortex."""
     L, rng = C.L, C.rng("actin")
-    psi = (L.theta + rng.normal(0, 0.3, L.n + 1)).astype(np.float32)
-    period = (rng.uniform(5, 9, L.n + 1) * C.s + 1.5).astype(np.float32)
-    ph0 = rng.uniform(0, 2 * np.pi, L.n + 1).astype(np.float32)
-    Y, X = np.ogrid[: C.shape[0], : C.shape[1]]
-    lab = L.lab
-    c, s = np.cos(psi)[lab], np.sin(psi)[lab]
-    across = -(X * s) + Y * c
-    jitter = _smooth_noise(rng, C.shape, 25 * C.s) * 1.2
-    phase = 2 * np.pi * across / period[lab] + ph0[lab] + jitter
-    fib = np.clip((np.cos(phase) - 0.82) / 0.18, 0, 1)
-    along = _smooth_noise(rng, C.shape, 6 * C.s)
-    fib *= np.clip(0.5 + 0.6 * along, 0, 1)
+    psi = L.theta + rng.normal(0, 0.25, L.n + 1)
+    pts = _walk_filaments(C, "actin", 0.0025, (25, 80), "axis", turn=0.015, pull=0.05,
+                          start_mask=L.lab > 0, cell_angle=psi, step=1.5)
+    # Stress fibres run under the nucleus too: the walk skips it, so fill it in faintly.
+    fib = np.minimum(ndi.gaussian_filter(pts, 0.5 * C.s + 0.3, truncate=3.0) * 2.5, 1.3)
     cortex = np.clip(C.cell_edges() * 1.2, 0, 1) + np.clip((L.rho - 0.8) / 0.2, 0, 1) * 0.5
-    return (fib * 0.9 + cortex * 0.8 + 0.08) * (lab > 0) * (1 - 0.7 * L.nuc)
+    return (fib + cortex * 0.8 + 0.06) * (L.lab > 0) * (1 - 0.6 * L.nuc)
 
 
 def _p_microtubules(C: _Ctx) -> np.ndarray:
@@ -641,7 +727,7 @@ def _p_plasma_membrane(C: _Ctx) -> np.ndarray:
 def _p_mitochondria(C: _Ctx) -> np.ndarray:
     """Short worms: random chains of dots with a persistent direction."""
     L, rng = C.L, C.rng("mito")
-    dens = 0.0035 / max(C.s, 0.1) ** 2 * 0.5
+    dens = 0.014 / max(C.s, 0.1) ** 2
     ys, xs, cid = C.points_in("mito_pts", L.cyto, dens)
     keep = rng.uniform(size=len(ys)) < np.exp(-L.t[ys.astype(np.intp), xs.astype(np.intp)] / 0.6)
     ys, xs = ys[keep], xs[keep]
@@ -661,8 +747,8 @@ def _p_mitochondria(C: _Ctx) -> np.ndarray:
         allys.append(cy_[on])
         allxs.append(cx_[on])
     Y, X = np.concatenate(allys), np.concatenate(allxs)
-    dots = _render_dots(C.shape, Y, X, np.full(len(Y), 0.55), 0.75 * C.s + 0.3)
-    return np.minimum(dots, 1.2) * L.cyto
+    dots = _render_dots(C.shape, Y, X, rng.uniform(0.5, 0.9, len(Y)), 0.75 * C.s + 0.3)
+    return np.minimum(dots, 1.4) * L.cyto
 
 
 def _p_aggresome(C: _Ctx) -> np.ndarray:
@@ -684,7 +770,7 @@ def _p_cytosol(C: _Ctx) -> np.ndarray:
     L = C.L
     tex = _smooth_noise(C.rng("cyto_tex"), C.shape, 3 * C.s)
     fine = _smooth_noise(C.rng("cyto_fine"), C.shape, 1.0 * C.s)
-    return (0.6 + 0.12 * tex + 0.1 * fine) * (0.75 + 0.25 * np.exp(-L.t / 0.5)) * L.cyto + 0.08 * L.nuc
+    return (0.6 + 0.12 * tex + 0.1 * fine) * (0.6 + 0.4 * np.exp(-L.t / 0.5)) * C.edge_fade() * L.cyto + 0.08 * L.nuc
 
 
 def _p_vesicles(C: _Ctx) -> np.ndarray:
@@ -857,15 +943,17 @@ def _render_channels(C: _Ctx, expr: np.ndarray) -> np.ndarray:
     # ---- red: microtubules radiating from the nucleus, cortex; spindle in dividing cells
     rb = rng.uniform(0.5, 1.0, n + 1).astype(np.float32)
     mt = C.microtubules()
-    rdiff = 0.25 + 0.15 * np.exp(-L.t / 0.3)
-    red = (0.75 * np.minimum(mt, 1.3) + rdiff) * cyto + 0.08 * nuc
-    red = red * (0.8 + 0.2 * np.exp(-L.t / 0.4)) + 0.08 * np.minimum(C.cell_edges(), 1) * inside
-    red = red * rb[lab] * ~mit_px + mit_px * (0.3 + 0.9 * _spindle(C))
+    rdiff = 0.1 + 0.15 * np.exp(-L.t / 0.3)
+    red = (1.2 * np.minimum(mt, 1.3) + rdiff) * cyto + 0.06 * nuc
+    red = red * (0.6 + 0.4 * np.exp(-L.t / 0.4)) * C.edge_fade() + 0.05 * np.minimum(C.cell_edges(), 1) * inside
+    red = red * rb[lab]
+    if L.mitotic.any():  # tubulin forms the spindle in dividing cells
+        red = red * ~mit_px + mit_px * (0.3 + 0.9 * _spindle(C))
 
     # ---- yellow: ER network, dense around the nucleus
     yb = rng.uniform(0.5, 1.0, n + 1).astype(np.float32)
     er = C.er_net()
-    yellow = (0.75 * er + 0.3) * C.er_envelope() * yb[lab] + 0.06 * nuc
+    yellow = (1.3 * er + 0.35) * C.er_envelope() * yb[lab] + 0.06 * nuc
     yellow = yellow * ~mit_px + mit_px * 0.35 * (0.7 + 0.3 * er)
 
     # ---- green: the classes each cell expresses
@@ -887,9 +975,9 @@ def _render_channels(C: _Ctx, expr: np.ndarray) -> np.ndarray:
     for ci, (name, ch) in enumerate(zip(CHANNELS, (red, green, blue, yellow))):
         x = ndi.gaussian_filter(ch.astype(np.float32), 0.55 * s + 0.25, truncate=3.0)
         x = x * np.float32(gains[name])
-        bg = rng.uniform(1.5, 5.0) * (1 + 0.25 * bg_field)
+        bg = rng.uniform(0.3, 2.5) * (1 + 0.25 * bg_field)
         shot = noise_rng.standard_normal(shape, dtype=np.float32)
-        x = x + bg + shot * np.sqrt(x * 0.35 + 2.0)
+        x = x + bg + shot * np.sqrt(x * 0.3 + 0.8)
         out[ci] = np.clip(x + 0.5, 0, 255).astype(np.uint8)
     return out
 
