@@ -26,7 +26,9 @@ EXIT_PARTIAL = 3
 #: Subcommand modules, in the order ``--help`` lists them.
 SUBCOMMANDS: list[str] = [
     "_synth",
+    "_train",
     "_predict",
+    "_export_kaggle",
     "_demo",
     "_info",
 ]
