@@ -39,6 +39,7 @@ __all__ = [
     "pseudo_label_scores",
     "CellTruth",
     "evaluate_pseudo_labels",
+    "evaluate_predictor",
 ]
 
 #: IoU a predicted cell needs with a true cell to count as the same cell (Kaggle 2021).
@@ -481,3 +482,59 @@ def evaluate_pseudo_labels(table, masks_dir, truth: CellTruth, iou_threshold: fl
     if not pred_rows:
         return pseudo_label_scores(np.zeros((0, N_CLASSES)), np.zeros((0, N_CLASSES)), unmatched)
     return pseudo_label_scores(np.stack(pred_rows), np.stack(true_rows), unmatched)
+
+
+def evaluate_predictor(
+    predictor,
+    images_dir,
+    image_ids,
+    truth: CellTruth,
+    *,
+    segmentation: str | None = None,
+    use_true_cells: bool = False,
+    iou_threshold: float = KAGGLE_IOU,
+    progress=None,
+    tables: list | None = None,
+) -> dict[str, CellMAPResult]:
+    """Kaggle cell-level mAP of a trained pipeline on images with cell truth.
+
+    Parameters
+    ----------
+    predictor
+        A :class:`napari_cpgcn.pipeline.Predictor` (anything with its ``predict``).
+    images_dir, image_ids
+        The evaluation images.
+    truth
+        Their :class:`CellTruth`.
+    segmentation
+        Segmentation method (None: the run's own).
+    use_true_cells
+        Predict on the true cell masks (isolates classification from segmentation errors).
+    progress
+        tqdm-like (``update(1)`` per image) or None.
+    tables
+        When a list is given, each image's per-cell prediction table is appended to it.
+
+    Returns
+    -------
+    dict
+        ``{"fused": .., "cell": .., "image": ..}`` :class:`CellMAPResult` for the three scores.
+    """
+    from napari_cpgcn.io.hpa import read_image
+
+    accs = {k: CellAPAccumulator(iou_threshold=iou_threshold) for k in ("fused", "cell", "image")}
+    for iid in image_ids:
+        img = read_image(images_dir, image_id=iid)
+        tmask = truth.mask(iid)
+        out = predictor.predict(img, cells=tmask if use_true_cells else None, segmentation=segmentation,
+                                with_cams=False)
+        tids, tlab = truth.labels.get(iid, (np.zeros(0, np.int64), np.zeros((0, N_CLASSES), np.uint8)))
+        pids = out.table["cell_id"].to_numpy(np.int64)
+        for k, acc in accs.items():
+            sc = out.table[[f"{k}_{s}" for s in SHORT_NAMES]].to_numpy(np.float64)
+            acc.add(out.cells, pids, sc, tmask, tids, tlab)
+        if tables is not None:
+            tables.append(out.table)
+        if progress is not None:
+            progress.update(1)
+    return {k: acc.result() for k, acc in accs.items()}
