@@ -1,0 +1,106 @@
+"""Cell segmentation of HPA images: one function, two backends.
+
+>>> labels = segment_cells(image)                                # classical, no weights
+>>> labels = segment_cells(image, method="cellpose", model="cyto3")
+
+``segment_cells`` takes an :class:`~napari_cpgcn.io.hpa.HPAImage` or a (4, Y, X) array in
+the channel order red, green, blue, yellow and returns a (Y, X) ``uint32`` label image
+(0 = background, cells 1..n) at the input's full resolution. Keyword parameters are those
+of :class:`~napari_cpgcn.segmentation.classical.ClassicalParams` or
+:class:`~napari_cpgcn.segmentation.cellpose_backend.CellposeParams`.
+
+No Qt, napari or torch at import; cellpose (and torch) load only when that backend runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+
+from napari_cpgcn.segmentation.cellpose_backend import CellposeParams, resolve_cellpose_weights
+from napari_cpgcn.segmentation.classical import ClassicalParams, default_nucleus_diameter
+
+__all__ = [
+    "METHODS",
+    "segment_cells",
+    "make_params",
+    "ClassicalParams",
+    "CellposeParams",
+    "default_nucleus_diameter",
+    "resolve_cellpose_weights",
+]
+
+log = logging.getLogger(__name__)
+
+#: Available methods and their parameter dataclasses.
+METHODS: dict[str, type] = {"classical": ClassicalParams, "cellpose": CellposeParams}
+
+
+def make_params(method: str = "classical", **params: Any):
+    """The parameter dataclass of ``method`` filled from keyword arguments.
+
+    Raises
+    ------
+    ValueError
+        Unknown method, or a parameter the method does not have (the message lists the valid ones).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown segmentation method {method!r}; choose one of {', '.join(METHODS)}")
+    cls = METHODS[method]
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in params if k not in names]
+    if unknown:
+        raise ValueError(
+            f"segmentation method {method!r} has no parameter(s) {', '.join(unknown)}; "
+            f"valid: {', '.join(names)}"
+        )
+    # None means "the default" for every parameter.
+    return cls(**{k: v for k, v in params.items() if v is not None})
+
+
+def _as_array(image: Any) -> np.ndarray:
+    data = getattr(image, "data", image)
+    data = np.asarray(data)
+    if data.ndim != 3 or data.shape[0] != 4:
+        raise ValueError(
+            f"segment_cells needs a (4, Y, X) image (red, green, blue, yellow), got shape {data.shape}; "
+            "read images with napari_cpgcn.io.read_image"
+        )
+    if min(data.shape[1:]) < 8:
+        raise ValueError(f"image of size {data.shape[1:]} is too small to segment (need >= 8 px)")
+    return data
+
+
+def segment_cells(image: Any, method: str = "classical", **params: Any) -> np.ndarray:
+    """Segment an HPA image into cells.
+
+    Parameters
+    ----------
+    image
+        :class:`~napari_cpgcn.io.hpa.HPAImage` or (4, Y, X) array (red, green, blue, yellow).
+    method
+        ``"classical"`` (nucleus-seeded watershed, no weights; default) or ``"cellpose"``.
+    **params
+        Fields of :class:`ClassicalParams` / :class:`CellposeParams`, e.g.
+        ``nucleus_diameter=180``, ``downscale=1``, ``model="cyto3"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        (Y, X) uint32 labels at full resolution; 0 = background. A blank image gives all zeros.
+    """
+    p = make_params(method, **params)
+    data = _as_array(image)
+    if method == "cellpose":
+        from napari_cpgcn.segmentation.cellpose_backend import segment_cellpose
+
+        labels = segment_cellpose(data, p)
+    else:
+        from napari_cpgcn.segmentation.classical import segment_classical
+
+        labels = segment_classical(data, p)
+    log.debug("segmented %s with %s: %d cells", data.shape[1:], method, int(labels.max()))
+    return labels
