@@ -26,6 +26,7 @@ EXIT_PARTIAL = 3
 #: Subcommand modules, in the order ``--help`` lists them.
 SUBCOMMANDS: list[str] = [
     "_synth",
+    "_segment",
     "_train",
     "_predict",
     "_export_kaggle",
