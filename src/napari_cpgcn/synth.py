@@ -292,8 +292,8 @@ def _make_layout(rng: np.random.Generator, shape: tuple[int, int], scale: float,
                  n_mitotic: int, density: float) -> _Layout:
     H, W = shape
     area_ref = (H / scale) * (W / scale) / 512**2
-    n_target = max(1, int(round(rng.uniform(7, 26) * density * area_ref)))
-    pts = _throw_seeds(rng, shape, scale, n_target, min_dist=64 * scale)
+    n_target = max(1, int(round(rng.uniform(8, 30) * density * area_ref)))
+    pts = _throw_seeds(rng, shape, scale, n_target, min_dist=58 * scale)
     # Mitotic cells must be inside the image: pick the seeds nearest the middle region.
     n = len(pts)
     inside = np.flatnonzero((pts[:, 0] > 40 * scale) & (pts[:, 0] < H - 40 * scale)
@@ -311,10 +311,10 @@ def _make_layout(rng: np.random.Generator, shape: tuple[int, int], scale: float,
         return np.concatenate([[0.0], v]).astype(np.float64)
 
     cy, cx = col(pts[:, 0]), col(pts[:, 1])
-    a = col(rng.uniform(22, 36, n) * scale)
+    a = col(rng.uniform(22, 34, n) * scale)
     b = a * col(rng.uniform(0.55, 0.9, n))
     theta = col(rng.uniform(0, np.pi, n))
-    R0 = np.maximum(a * col(rng.uniform(1.6, 2.6, n)), 1.5 * a)
+    R0 = np.maximum(a * col(rng.uniform(1.45, 2.3, n)), 1.4 * a)
     harm = np.zeros((n + 1, 3, 2))
     amp = rng.uniform(0, 1, (n, 3)) ** 0.7 * np.array([0.3, 0.6, 0.15])
     ph = rng.uniform(0, 2 * np.pi, (n, 3))
@@ -332,7 +332,7 @@ def _make_layout(rng: np.random.Generator, shape: tuple[int, int], scale: float,
     best = np.full(shape, np.inf, np.float32)
     for i in range(1, n + 1):
         hmax = np.abs(harm[i, :, 0]) + np.abs(harm[i, :, 1])
-        m = R0[i] * (1 + hmax.sum()) + 2
+        m = R0[i] * (1 + hmax.sum()) / (0.8 if mit[i] else 1.0) + 2
         y0, y1 = max(int(cy[i] - m), 0), min(int(cy[i] + m) + 1, H)
         x0, x1 = max(int(cx[i] - m), 0), min(int(cx[i] + m) + 1, W)
         if y0 >= y1 or x0 >= x1:
@@ -499,7 +499,7 @@ class _Ctx:
     def microtubules(self) -> np.ndarray:
         """Microtubules: long, slightly wavy filaments radiating from near the nucleus."""
         def make() -> np.ndarray:
-            pts = _walk_filaments(self, "mt", 0.006, (15, 50), "radial", turn=0.2, pull=0.07)
+            pts = _walk_filaments(self, "mt", 0.008, (12, 45), "radial", turn=0.25, pull=0.05)
             fil = ndi.gaussian_filter(pts, 0.45 * self.s + 0.3, truncate=3.0) * 2.2
             return np.minimum(fil, 1.6)
         return self.cached("mt", make)
@@ -613,12 +613,25 @@ def _p_nuclear_speckles(C: _Ctx) -> np.ndarray:
     return (np.minimum(sp, 1) + 0.12) * C.L.nuc * (1 - 0.9 * C.nucleoli_map())
 
 
+def _nuclear_points(C: _Ctx, name: str, k_range: tuple[int, int], rmax: float) -> tuple[np.ndarray, np.ndarray]:
+    """``k_range`` random points per interphase nucleus, within ``rmax`` of its normalised radius."""
+    L, rng = C.L, C.rng(name)
+    cells = np.flatnonzero(~L.mitotic[1:]) + 1
+    k = rng.integers(k_range[0], k_range[1] + 1, len(cells))
+    idx = np.repeat(cells, k)
+    ang = rng.uniform(0, 2 * np.pi, len(idx))
+    rad = np.sqrt(rng.uniform(0, 1, len(idx))) * rmax
+    uu, vv = rad * np.cos(ang) * L.a[idx], rad * np.sin(ang) * L.b[idx]
+    ct, st = np.cos(L.theta[idx]), np.sin(L.theta[idx])
+    return L.cy[idx] + uu * st + vv * ct, L.cx[idx] + uu * ct - vv * st
+
+
 def _p_nuclear_bodies(C: _Ctx) -> np.ndarray:
     L, rng = C.L, C.rng("nb")
-    ys, xs, cid = C.points_in("nb_pts", L.nuc & (L.rn < 0.85), 0.008 / max(C.s, 0.1) ** 2)
-    keep = rng.uniform(size=len(ys)) < rng.uniform(0.2, 1.0, L.n + 1)[cid]
-    dots = _render_dots(C.shape, ys[keep], xs[keep], rng.uniform(0.6, 1.0, keep.sum()), 1.1 * C.s + 0.3)
-    return np.minimum(dots * 2.2, 2.2) * L.nuc + 0.05 * L.nuc
+    ys, xs = _nuclear_points(C, "nb_pts", (2, 8), 0.8)
+    dots = _render_dots(C.shape, ys, xs, rng.uniform(0.6, 1.0, len(ys)), 1.1 * C.s + 0.3)
+    # Bodies in nucleoli are hidden (nuclear bodies sit in the nucleoplasm).
+    return np.minimum(dots * 2.2, 2.2) * L.nuc * (1 - C.nucleoli_map()) + 0.05 * L.nuc
 
 
 def _p_er(C: _Ctx) -> np.ndarray:
@@ -953,12 +966,12 @@ def _render_channels(C: _Ctx, expr: np.ndarray) -> np.ndarray:
     # ---- yellow: ER network, dense around the nucleus
     yb = rng.uniform(0.5, 1.0, n + 1).astype(np.float32)
     er = C.er_net()
-    yellow = (1.3 * er + 0.35) * C.er_envelope() * yb[lab] + 0.06 * nuc
-    yellow = yellow * ~mit_px + mit_px * 0.35 * (0.7 + 0.3 * er)
+    yellow = (1.5 * er + 0.4) * C.er_envelope() * yb[lab] + 0.06 * nuc
+    yellow = yellow * ~mit_px + mit_px * 0.22 * (0.6 + 0.4 * er) * C.edge_fade()
 
     # ---- green: the classes each cell expresses
     green = np.zeros(shape, np.float32)
-    level = rng.uniform(0.35, 1.0)        # image-level staining strength (antibody / exposure)
+    level = rng.uniform(0.3, 1.0)        # image-level staining strength (antibody / exposure)
     for k in np.flatnonzero(expr.any(0)):
         cells_k = expr[:, k]
         amp = np.where(cells_k, rng.uniform(0.55, 1.0, n + 1), 0).astype(np.float32)
@@ -968,8 +981,8 @@ def _render_channels(C: _Ctx, expr: np.ndarray) -> np.ndarray:
 
     # ---- optics and camera: blur, background, noise, gain
     out = np.empty((4,) + shape, np.uint8)
-    gains = {"red": rng.uniform(110, 200), "green": rng.uniform(150, 230),
-             "blue": rng.uniform(120, 200), "yellow": rng.uniform(110, 190)}
+    gains = {"red": rng.uniform(80, 150), "green": rng.uniform(110, 210),
+             "blue": rng.uniform(120, 200), "yellow": rng.uniform(130, 210)}
     noise_rng = C.rng("noise")
     bg_field = _smooth_noise(C.rng("bg"), shape, 60 * s)
     for ci, (name, ch) in enumerate(zip(CHANNELS, (red, green, blue, yellow))):
