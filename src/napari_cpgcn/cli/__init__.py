@@ -32,6 +32,8 @@ SUBCOMMANDS: list[str] = [
     "_export_kaggle",
     "_demo",
     "_info",
+    "_train_image",
+    "_evaluate",
 ]
 
 log = logging.getLogger("napari_cpgcn")

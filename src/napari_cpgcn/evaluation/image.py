@@ -109,10 +109,14 @@ def plot_ap_bars(ap: np.ndarray, path: str | Path, class_names: Sequence[str] = 
     fig, ax = plt.subplots(figsize=(max(8, 0.55 * n), 4.5), dpi=120)
     x = np.arange(n)
     for k, (label, vals) in enumerate(series.items()):
-        colors = [CLASSES[i].color if i < len(CLASSES) and len(series) == 1 else None for i in range(n)]
-        ax.bar(x + (k - (len(series) - 1) / 2) * width, np.nan_to_num(vals), width,
-               color=colors if len(series) == 1 else None, label=f"{label} (mAP {np.nanmean(vals):.3f})",
-               edgecolor="black", linewidth=0.4)
+        colors = [CLASSES[i].color if i < len(CLASSES) else "#888888" for i in range(n)]
+        pos = x + (k - (len(series) - 1) / 2) * width
+        m = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+        ax.bar(pos, np.nan_to_num(vals), width, color=colors if len(series) == 1 else None,
+               label=f"{label} (mAP {m:.3f})", edgecolor="black", linewidth=0.4)
+        for xi, v in zip(pos, vals):
+            if not np.isfinite(v):  # no positive image: AP undefined, not zero
+                ax.text(xi, 0.01, "n/a", ha="center", va="bottom", fontsize=6, rotation=90, color="0.4")
     ax.set_xticks(x)
     ax.set_xticklabels(class_names, rotation=60, ha="right", fontsize=8)
     ax.set_ylim(0, 1.0)

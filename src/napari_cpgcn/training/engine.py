@@ -244,13 +244,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle.UnpicklingError, RuntimeError (bad zip), EOFError, ...
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        text = str(e)
+        if "Unsupported global" in text or "safe_globals" in text:
+            glob = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), "")
             raise CheckpointError(
                 f"{path} contains Python objects other than tensors and plain values and was refused "
-                f"(it could run code when loaded). Only napari-cpgcn checkpoints can be used. ({msg})"
+                f"(loading it could run code). Only napari-cpgcn checkpoints can be used. {glob}".rstrip()
             ) from e
-        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({type(e).__name__}: {msg}); "
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({type(e).__name__}); "
                               "use the run's latest.pt/best.pt or retrain") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
         raise CheckpointError(
@@ -476,6 +477,7 @@ def fit(
 
     if start_epoch >= n_epochs:
         msg = f"{run_dir} already holds {start_epoch} finished epochs (of {n_epochs}); nothing to do"
+        log.info(msg)
         yield Event(EventKind.LOG, stage=stage, epoch=start_epoch, n_epochs=n_epochs, message=msg)
         yield Event(EventKind.DONE, stage=stage, epoch=start_epoch, n_epochs=n_epochs, message=msg,
                     result=result(False, start_epoch))

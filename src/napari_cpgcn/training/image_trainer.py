@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from napari_cpgcn.io.tables import LabelTable, atomic_write_text, read_labels_csv
 from napari_cpgcn.training.config import ImageModelConfig
 from napari_cpgcn.training.datasets import HPAImageDataset, ImageIndex, channel_stats, split_ids
-from napari_cpgcn.training.engine import fit, resolve_device
+from napari_cpgcn.training.engine import fit, resolve_device, seed_everything
 from napari_cpgcn.training.events import Event, EventKind, ShouldStop
 from napari_cpgcn.training.oaa import OAAStore
 
@@ -139,12 +139,14 @@ def train_image_model(
         if prev_cfg is not None and prev_cfg.mean is not None and prev_cfg.std is not None:
             mean, std = prev_cfg.mean, prev_cfg.std
         else:
+            log.info("measuring channel statistics of the training images")
             yield Event(EventKind.LOG, stage=stage, message="measuring channel statistics of the training images")
             mean, std = channel_stats(train_ds)
         config = config.replace(mean=tuple(mean), std=tuple(std))
     config.save(run_dir / "config.json")
 
     device = resolve_device(config.device)
+    seed_everything(config.seed)  # the same seed gives the same initial weights
     model = build_image_model(config, label_matrix=train_table.labels)
     model.image_size = config.image_size
     msg = (f"{len(train_ids)} training / {len(val_ids)} validation images; {config.variant} on "
