@@ -45,6 +45,7 @@ def register(subparsers) -> None:
     p.add_argument("--save-cams", action="store_true", help="also write cams/{ID}.tif: (19, Y, X) uint8 CAMs")
     p.add_argument("--submission", action="store_true", help="also write submission.csv (Kaggle 2021 format)")
     p.add_argument("--overwrite", action="store_true", help="redo every image instead of resuming")
+    add_cluster_arguments(p)
     add_common_arguments(p)
     p.set_defaults(func=run)
 
@@ -89,9 +90,11 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    events = predict_folder(input_dir, model, out, options) if not args.cluster else \
+        cluster_predict_events(args, input_dir, model, out, options)
     with logging_redirect_tqdm(loggers=[logging.getLogger("napari_cpgcn")]):
         try:
-            for ev in predict_folder(input_dir, model, out, options):
+            for ev in events:
                 if ev.kind == EventKind.STAGE_START:
                     log.info("%s", ev.message)
                     bar = tqdm(total=ev.n_batches, initial=ev.batch, unit="img", desc="predict",
@@ -122,3 +125,57 @@ def run(args: argparse.Namespace) -> int:
                     summary.n_failed, summary.n_images, out / "failures.csv")
         return EXIT_PARTIAL
     return EXIT_OK
+
+
+# ------------------------------------------------------------------ Dask cluster (optional extra)
+
+def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    """``--cluster``, ``--cluster-config``, ``--max-workers``, ``--max-tries`` (see docs/scaling.md)."""
+    g = p.add_argument_group("cluster (Dask; pip install \"napari-cpgcn[distributed]\")")
+    g.add_argument("--cluster", default=None, metavar="SPEC",
+                   help="run the images as Dask tasks: local:N (N worker processes here), tcp://HOST:PORT "
+                        "(a running scheduler), slurm, lsf or pbs (with --cluster-config); default: in-process")
+    g.add_argument("--cluster-config", default=None, metavar="FILE.yaml",
+                   help="slurm/lsf/pbs job settings: cores, memory, walltime, queue, account, gpus, ...")
+    g.add_argument("--max-workers", type=int, default=None, metavar="N",
+                   help="slurm/lsf/pbs: scale adaptively up to N worker processes (default 4)")
+    g.add_argument("--max-tries", type=int, default=3, metavar="N",
+                   help="an image whose worker process died N times is listed in failures.csv (default 3)")
+
+
+def cluster_predict_events(args: argparse.Namespace, input_dir, model, out, options):
+    """The events of :func:`napari_cpgcn.distributed.predict_folder_distributed` for the CLI arguments.
+
+    Bad specs, a missing config and a missing Dask install are usage errors (exit 2).
+    """
+    from napari_cpgcn.cli import UsageError
+
+    try:
+        from napari_cpgcn.distributed import (
+            JOBQUEUE_KINDS,
+            ClusterError,
+            ClusterSpec,
+            DaskMissingError,
+            jobqueue_kwargs,
+            load_cluster_config,
+            predict_folder_distributed,
+            require_dask,
+        )
+    except ImportError as e:  # pragma: no cover - distributed.py imports Dask only if installed
+        raise UsageError(f"cannot use --cluster: {e}") from None
+    if args.max_tries < 1 or (args.max_workers is not None and args.max_workers < 1):
+        raise UsageError("--max-tries and --max-workers must be at least 1")
+    try:
+        spec = ClusterSpec.parse(args.cluster)
+        require_dask(jobqueue=spec.kind in JOBQUEUE_KINDS)
+        config = load_cluster_config(args.cluster_config)
+        if spec.kind in JOBQUEUE_KINDS and not config:
+            raise ClusterError(f"--cluster {spec.kind} needs --cluster-config FILE.yaml with the job settings "
+                               "(cores, memory, walltime, queue, ...); see docs/scaling.md")
+        if spec.kind in JOBQUEUE_KINDS:
+            jobqueue_kwargs(spec.kind, config)  # unknown keys / missing cores or memory: fail now
+    except (ClusterError, DaskMissingError) as e:
+        raise UsageError(str(e)) from None
+    return predict_folder_distributed(input_dir, model, out, options, cluster=args.cluster,
+                                      cluster_config=config or None, max_workers=args.max_workers,
+                                      max_tries=args.max_tries)

@@ -1,0 +1,667 @@
+"""Folder prediction on a Dask cluster: a workstation, a running scheduler, SLURM / LSF / PBS.
+
+:func:`predict_folder_distributed` is :func:`napari_cpgcn.batch.predict_folder` with the images
+spread over Dask workers. It yields the same :class:`~napari_cpgcn.training.events.Event` s and
+leaves the same files: the run-level CSVs are identical to a serial run's.
+
+Cluster specs (``--cluster``)
+-----------------------------
+``local:N``
+    A :class:`dask.distributed.LocalCluster` of N worker processes with one thread each; torch
+    in each worker uses ``cores // N`` threads, so N workers do not oversubscribe the machine.
+``tcp://HOST:PORT``
+    A running scheduler (``dask scheduler`` + ``dask worker``, Kubernetes, Coiled, ...); its
+    workers must see the input and output folders at the same paths.
+``slurm``, ``lsf``, ``pbs``
+    A dask-jobqueue cluster built from ``--cluster-config FILE.yaml`` (cores, memory, walltime,
+    queue, account, gpus, job_extra_directives, job_script_prologue, ...), scaled adaptively from
+    0 up to ``--max-workers`` worker processes.
+
+Design
+------
+* **One task per image**, running :func:`napari_cpgcn.batch.process_image` -- the function the
+  serial path is built from -- with the model given as its run folder (a short string). Each
+  worker process loads the predictor once (:func:`napari_cpgcn.batch.load_predictor` caches it
+  per process, keyed by the checkpoints' fingerprint); a predictor object (API use, tests) is
+  shipped once per worker by a :class:`WorkerPlugin` and tasks carry only its key. No weights
+  and no image bytes travel through the scheduler: workers read the images from the shared path
+  and write their per-image outputs there, each file atomically, the done marker last.
+* **The client assembles** ``cells.csv``, ``images.csv``, ``failures.csv`` (and
+  ``submission.csv``) with :func:`napari_cpgcn.batch.assemble_outputs`, the serial path's own
+  code, so the files are byte-identical to a serial run's.
+* **Faults**: a worker that dies mid-task (out of memory, a crash in native code, a pre-empted
+  node) has its task rerun on another worker by the scheduler; an image that has been on
+  ``max_tries`` dying workers ends as ``KilledWorker`` in ``failures.csv`` (stage ``worker``).
+  Only one task runs per worker at a time (``worker-saturation`` 1.0), so an innocent image is
+  never blamed for its neighbour's crash. A model that cannot be loaded stops the run with the
+  workers' error after three failed tasks. Ctrl-C cancels the tasks and leaves only complete
+  files; rerunning resumes (finished images are skipped before any task is submitted).
+* Tasks are submitted through a bounded window, so the client's memory and the scheduler's
+  queue stay small for 100,000 images.
+
+Dask and dask-jobqueue are an optional extra: ``pip install "napari-cpgcn[distributed]"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from napari_cpgcn.batch import (
+    BatchOptions,
+    BatchSummary,
+    ImageRecord,
+    _check_run_settings,
+    _record_failure,
+    assemble_outputs,
+    image_paths,
+    is_done,
+    model_fingerprint,
+    process_image,
+    resolve_model_path,
+)
+from napari_cpgcn.io.hpa import list_image_ids, resolve_images_dir
+from napari_cpgcn.io.tables import atomic_write_text
+from napari_cpgcn.training.events import Event, EventKind, ShouldStop
+
+__all__ = [
+    "INSTALL_HINT",
+    "JOBQUEUE_KINDS",
+    "ClusterError",
+    "DaskMissingError",
+    "ClusterSpec",
+    "WorkerModel",
+    "require_dask",
+    "default_torch_threads",
+    "load_cluster_config",
+    "make_jobqueue_cluster",
+    "open_client",
+    "predict_folder_distributed",
+]
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = 'pip install "napari-cpgcn[distributed]"'
+JOBQUEUE_KINDS: tuple[str, ...] = ("slurm", "lsf", "pbs")
+_RUN_JSON = "run.json"
+#: A worker-process crash blamed on the same task this many times ends it as a failure.
+DEFAULT_MAX_TRIES = 3
+#: Tasks that raise (rather than fail an image) before the run is stopped when none succeeded.
+_MAX_SYSTEMIC_ERRORS = 3
+
+
+class ClusterError(ValueError):
+    """A bad ``--cluster`` spec or cluster config; the message says what is accepted."""
+
+
+class DaskMissingError(ImportError):
+    """Dask (or dask-jobqueue) is not installed; the message gives the install command."""
+
+
+def require_dask(jobqueue: bool = False) -> None:
+    """Raise :class:`DaskMissingError` with the install command when Dask is absent."""
+    try:
+        import dask.distributed  # noqa: F401
+    except ImportError as e:
+        raise DaskMissingError(
+            f"running on a cluster needs Dask distributed, which is not installed ({e}). "
+            f"Install it with: {INSTALL_HINT}") from e
+    if jobqueue:
+        try:
+            import dask_jobqueue  # noqa: F401
+        except ImportError as e:
+            raise DaskMissingError(
+                f"SLURM / LSF / PBS clusters need dask-jobqueue, which is not installed ({e}). "
+                f"Install it with: {INSTALL_HINT}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Cluster specs
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """A parsed ``--cluster`` value.
+
+    Attributes
+    ----------
+    kind : str
+        ``"local"``, ``"tcp"`` (an existing scheduler), ``"slurm"``, ``"lsf"`` or ``"pbs"``.
+    n_workers : int
+        Worker processes of a local cluster.
+    address : str
+        Scheduler address of an existing cluster.
+    """
+
+    kind: str
+    n_workers: int = 0
+    address: str = ""
+
+    @classmethod
+    def parse(cls, spec: str) -> ClusterSpec:
+        """Parse ``local:N``, ``tcp://HOST:PORT``, ``slurm``, ``lsf`` or ``pbs``."""
+        s = (spec or "").strip()
+        low = s.lower()
+        if low == "local" or low.startswith("local:"):
+            n = low.partition(":")[2] or str(max(1, _usable_cores()))
+            try:
+                n_workers = int(n)
+            except ValueError:
+                n_workers = 0
+            if n_workers < 1:
+                raise ClusterError(f"--cluster {spec!r}: local:N needs a number of workers >= 1, e.g. local:4")
+            return cls("local", n_workers=n_workers)
+        if "://" in s:
+            proto, _, rest = s.partition("://")
+            if proto.lower() not in ("tcp", "tls", "ucx", "ws", "wss") or ":" not in rest:
+                raise ClusterError(f"--cluster {spec!r}: a scheduler address looks like tcp://HOST:PORT "
+                                   "(e.g. tcp://10.0.0.5:8786)")
+            return cls("tcp", address=s)
+        if low in JOBQUEUE_KINDS:
+            return cls(low)
+        raise ClusterError(
+            f"--cluster {spec!r} is not understood; use local:N (N worker processes on this machine), "
+            "tcp://HOST:PORT (a running Dask scheduler), or slurm / lsf / pbs with --cluster-config FILE.yaml")
+
+    def __str__(self) -> str:
+        if self.kind == "local":
+            return f"local:{self.n_workers}"
+        return self.address if self.kind == "tcp" else self.kind
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_torch_threads(n_workers: int, cores: int | None = None) -> int:
+    """Torch threads per worker so that ``n_workers`` processes share ``cores`` without oversubscription."""
+    cores = cores or _usable_cores()
+    return max(1, cores // max(1, n_workers))
+
+
+# --------------------------------------------------------------------------------------------
+# dask-jobqueue
+# --------------------------------------------------------------------------------------------
+
+#: Keys of --cluster-config that napari-cpgcn reads itself (the rest go to the jobqueue class).
+_OWN_KEYS = ("gpus", "torch_threads")
+
+
+def load_cluster_config(path: str | Path | None) -> dict[str, Any]:
+    """Read a ``--cluster-config`` YAML file into a dict (``{}`` for None)."""
+    if path is None:
+        return {}
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ClusterError(f"--cluster-config {p} does not exist; write a YAML file with cores, memory, "
+                           "walltime, queue, ... (see docs/scaling.md)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ClusterError(f"--cluster-config {p} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ClusterError(f"--cluster-config {p} must hold a mapping (key: value lines), not {type(data).__name__}")
+    return dict(data)
+
+
+def _gpu_directives(kind: str, gpus: int) -> list[str]:
+    if gpus <= 0:
+        return []
+    if kind == "slurm":
+        return [f"--gres=gpu:{gpus}"]
+    if kind == "lsf":
+        return [f'-gpu "num={gpus}"']
+    return [f"-l ngpus={gpus}"]  # PBS Pro; Torque sites use nodes=1:ppn=C:gpus=G via job_extra_directives
+
+
+def _jobqueue_class(kind: str):
+    require_dask(jobqueue=True)
+    import dask_jobqueue
+
+    return {"slurm": dask_jobqueue.SLURMCluster, "lsf": dask_jobqueue.LSFCluster,
+            "pbs": dask_jobqueue.PBSCluster}[kind]
+
+
+def jobqueue_kwargs(kind: str, config: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The keyword arguments of the dask-jobqueue cluster for ``config`` and torch threads per worker.
+
+    Adds the GPU directive for ``gpus``, a ``cpgcn_predict=1`` worker resource (one prediction at
+    a time per worker process, whatever its thread count), thread-count environment variables in
+    the job script, and quiet defaults.
+    """
+    if kind not in JOBQUEUE_KINDS:
+        raise ClusterError(f"cluster kind {kind!r} is not one of {', '.join(JOBQUEUE_KINDS)}")
+    cfg = dict(config)
+    for required in ("cores", "memory"):
+        if required not in cfg:
+            raise ClusterError(f"--cluster-config needs '{required}' (per job) for {kind}; see docs/scaling.md")
+    gpus = int(cfg.pop("gpus", 0) or 0)
+    processes = int(cfg.get("processes", 1) or 1)
+    cfg["processes"] = processes
+    torch_threads = int(cfg.pop("torch_threads", 0) or 0) or max(1, int(cfg["cores"]) // processes)
+    cfg["job_extra_directives"] = list(cfg.get("job_extra_directives", [])) + _gpu_directives(kind, gpus)
+    cfg["worker_extra_args"] = list(cfg.get("worker_extra_args", [])) + ["--resources", "cpgcn_predict=1"]
+    threads_env = [f"export {v}={torch_threads}" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                           "OPENBLAS_NUM_THREADS")]
+    cfg["job_script_prologue"] = list(cfg.get("job_script_prologue", [])) + threads_env
+    cfg.setdefault("job_name", "napari-cpgcn")
+    cls = _jobqueue_class(kind)
+    import inspect
+
+    accepted: set[str] = set()
+    for c in cls.__mro__:
+        if "__init__" in vars(c):
+            accepted |= set(inspect.signature(c.__init__).parameters)
+    job_cls = getattr(cls, "job_cls", None)
+    for c in getattr(job_cls, "__mro__", ()):
+        if "__init__" in vars(c):
+            accepted |= set(inspect.signature(c.__init__).parameters)
+    unknown = sorted(k for k in cfg if k not in accepted)
+    if unknown:
+        raise ClusterError(f"--cluster-config: {', '.join(unknown)} not understood by {cls.__name__}; "
+                           f"known keys include cores, memory, processes, walltime, queue, account, "
+                           f"gpus, job_extra_directives, job_script_prologue, local_directory, log_directory, python")
+    return cfg, torch_threads
+
+
+def make_jobqueue_cluster(kind: str, config: dict[str, Any]):
+    """Build (but do not scale) a dask-jobqueue cluster; ``cluster.job_script()`` shows its job."""
+    kwargs, _ = jobqueue_kwargs(kind, config)
+    try:
+        return _jobqueue_class(kind)(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ClusterError(f"--cluster-config for {kind}: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side
+# --------------------------------------------------------------------------------------------
+
+_WORKER_MODELS: dict[str, Any] = {}
+_WORKER_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class WorkerModel:
+    """A picklable handle to a predictor installed on every worker by :class:`_WorkerSetup`.
+
+    Tasks carry this (a key), not the predictor; ``predict`` forwards to the worker's copy.
+    """
+
+    key: str
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        with _WORKER_LOCK:
+            predictor = _WORKER_MODELS.get(self.key)
+        if predictor is None:
+            raise RuntimeError(f"predictor {self.key} is not installed on this worker (the worker "
+                               "plugin did not run); use a model path instead of an object")
+        return predictor.predict(*args, **kwargs)
+
+
+try:  # the base class only matters when Dask is installed (every use checks require_dask first)
+    from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPluginBase
+except ImportError:  # pragma: no cover
+    _WorkerPluginBase = object
+
+
+class _WorkerSetup(_WorkerPluginBase):
+    """Set torch / BLAS threads and install a shipped predictor, once per worker process.
+
+    Defined at module level so that workers unpickle it by reference and share this module's
+    predictor registry with :class:`WorkerModel`.
+    """
+
+    name = "napari-cpgcn-setup"
+
+    def __init__(self, torch_threads: int = 0, key: str = "", predictor: Any = None) -> None:
+        self.torch_threads = int(torch_threads)
+        self.key = key
+        self.predictor = predictor
+
+    def setup(self, worker) -> None:
+        if self.torch_threads > 0:
+            for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+                os.environ[v] = str(self.torch_threads)
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
+        if self.predictor is not None:
+            with _WORKER_LOCK:
+                _WORKER_MODELS[self.key] = self.predictor
+
+    def teardown(self, worker) -> None:
+        with _WORKER_LOCK:
+            _WORKER_MODELS.pop(self.key, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Client side
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ClusterInfo:
+    """What :func:`open_client` started or connected to."""
+
+    spec: str
+    dashboard: str = ""
+    n_workers: int = 0          # worker processes now (or the adaptive maximum)
+    torch_threads: int = 0      # per worker (0: left to the cluster)
+    resources: dict[str, float] = field(default_factory=dict)  # per-task worker resources
+    job_script: str = ""
+
+
+def _dashboard_link(client) -> str:
+    try:
+        info = client.scheduler_info()
+        if "dashboard" not in info.get("services", {}):
+            return ""
+        return str(client.dashboard_link)
+    except Exception:  # noqa: BLE001 - purely informative
+        return ""
+
+
+@contextlib.contextmanager
+def open_client(cluster: str, cluster_config: str | Path | dict | None = None, max_workers: int | None = None,
+                *, max_tries: int = DEFAULT_MAX_TRIES, torch_threads: int | None = None,
+                dashboard_address: str = ":0") -> Iterator[tuple[Any, ClusterInfo]]:
+    """Start or connect to the cluster of ``cluster`` and yield ``(client, info)``; closes it on exit.
+
+    Parameters
+    ----------
+    cluster
+        ``local:N``, ``tcp://HOST:PORT``, ``slurm``, ``lsf`` or ``pbs``.
+    cluster_config
+        YAML file (or dict) for the jobqueue kinds.
+    max_workers
+        Adaptive maximum of worker processes (jobqueue kinds; default 4).
+    max_tries
+        How many dying workers a task may be on before it fails (clusters started here).
+    torch_threads
+        Torch threads per worker (default: cores // N for ``local:N``; cores // processes per job).
+    dashboard_address
+        Where a cluster started here serves its dashboard (``":0"``: a free port).
+    """
+    spec = ClusterSpec.parse(cluster)
+    require_dask(jobqueue=spec.kind in JOBQUEUE_KINDS)
+    import dask
+    from distributed import Client, LocalCluster
+
+    if max_tries < 1:
+        raise ClusterError(f"max_tries must be >= 1, got {max_tries}")
+    # Read by the scheduler when it starts (clusters started here run their scheduler in this
+    # process): bounded retries of tasks whose worker died, and at most one task in flight per
+    # worker thread so that a crash is blamed only on the task that caused it.
+    sched_cfg = {"distributed.scheduler.allowed-failures": max_tries - 1,
+                 "distributed.scheduler.worker-saturation": 1.0}
+    info = ClusterInfo(spec=str(spec))
+    cl = None
+    if spec.kind == "local":
+        threads = torch_threads or default_torch_threads(spec.n_workers)
+        env = {v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        with dask.config.set(sched_cfg):
+            cl = LocalCluster(n_workers=spec.n_workers, threads_per_worker=1, processes=True,
+                              dashboard_address=dashboard_address, env=env, silence_logs=logging.ERROR,
+                              # workers may start processes of their own (DataLoader, cellpose)
+                              config={"distributed.worker.daemon": False})
+        info.n_workers, info.torch_threads = spec.n_workers, threads
+    elif spec.kind in JOBQUEUE_KINDS:
+        cfg = cluster_config if isinstance(cluster_config, dict) else load_cluster_config(cluster_config)
+        if not cfg:
+            raise ClusterError(f"--cluster {spec.kind} needs --cluster-config FILE.yaml (cores, memory, "
+                               "walltime, queue, ...); see docs/scaling.md")
+        if torch_threads:
+            cfg = {**cfg, "torch_threads": torch_threads}
+        kwargs, threads = jobqueue_kwargs(spec.kind, cfg)
+        kwargs.setdefault("scheduler_options", {}).setdefault("dashboard_address", dashboard_address)
+        with dask.config.set(sched_cfg):
+            try:
+                cl = _jobqueue_class(spec.kind)(**kwargs)
+            except (TypeError, ValueError) as e:
+                raise ClusterError(f"--cluster-config for {spec.kind}: {e}") from e
+        maximum = int(max_workers or 4)
+        cl.adapt(minimum=0, maximum=maximum)
+        info.n_workers, info.torch_threads = maximum, threads
+        info.resources = {"cpgcn_predict": 1}
+        info.job_script = cl.job_script()
+        log.info("%s job script:\n%s", spec.kind, info.job_script)
+    client = None
+    try:
+        client = Client(cl if cl is not None else spec.address, timeout="60s")
+        if spec.kind == "tcp":
+            info.n_workers = len(client.scheduler_info().get("workers", {}))
+            info.torch_threads = torch_threads or 0
+            if info.n_workers == 0:
+                log.warning("the scheduler at %s has no workers yet; tasks wait until workers join", spec.address)
+        info.dashboard = _dashboard_link(client)
+        yield client, info
+    finally:
+        if client is not None:
+            client.close()
+        if cl is not None:
+            cl.close()
+
+
+class WorkerKilled(RuntimeError):
+    """An image whose worker process died every time it processed it (``failures.csv`` stage ``worker``)."""
+
+
+def _error_record(out: Path, image_id: str, exc: BaseException, n_tries: int) -> ImageRecord:
+    from distributed import KilledWorker
+
+    if isinstance(exc, KilledWorker):
+        exc = WorkerKilled(f"the worker process died each of the {n_tries} times it processed this image "
+                           "(out of memory, or a crash in native code?)")
+    return _record_failure(out, image_id, "worker", exc)
+
+
+def predict_folder_distributed(
+    input_dir: str | Path,
+    model: str | Path | Any,
+    out_dir: str | Path,
+    options: BatchOptions | None = None,
+    *,
+    cluster: str = "local:2",
+    cluster_config: str | Path | dict | None = None,
+    max_workers: int | None = None,
+    max_tries: int = DEFAULT_MAX_TRIES,
+    torch_threads: int | None = None,
+    client: Any = None,
+    should_stop: ShouldStop | None = None,
+    image_ids: Iterable[str] | None = None,
+) -> Iterator[Event]:
+    """Predict every image of a folder on a Dask cluster; yields the events of ``predict_folder``.
+
+    Parameters
+    ----------
+    input_dir, model, out_dir, options, should_stop, image_ids
+        As :func:`napari_cpgcn.batch.predict_folder`. ``model`` is best a run folder (each
+        worker loads it once); a predictor object is shipped once to every worker.
+    cluster, cluster_config, max_workers, max_tries, torch_threads
+        As :func:`open_client`.
+    client
+        An already connected ``dask.distributed.Client`` to use instead of ``cluster``.
+
+    Yields
+    ------
+    Event
+        ``LOG`` (cluster, dashboard), ``STAGE_START``, one ``ITEM`` per image, ``STAGE_END``,
+        ``DONE`` (``result``: :class:`~napari_cpgcn.batch.BatchSummary`) or ``STOPPED``.
+    """
+    t_start = time.perf_counter()
+    options = options or BatchOptions()
+    input_dir = resolve_images_dir(input_dir)
+    out = Path(out_dir)
+    ids = sorted(image_ids) if image_ids is not None else list_image_ids(input_dir)
+    if not ids:
+        raise FileNotFoundError(
+            f"{input_dir} holds no HPA images: expected files named ID_red.png, ID_green.png, "
+            "ID_blue.png, ID_yellow.png (or .jpg/.tif), or multi-channel TIFFs.")
+    if client is None:
+        ClusterSpec.parse(cluster)  # bad specs fail before anything is written
+    is_path = isinstance(model, (str, Path))
+    if is_path:
+        model = resolve_model_path(model)
+    elif not hasattr(model, "predict"):
+        raise TypeError(f"model must be a run folder or a predictor, got {type(model).__name__}")
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "input_dir": str(input_dir),
+        "model": str(getattr(model, "run_dir", model)),
+        "model_fingerprint": model_fingerprint(model),
+        **asdict(options),
+        "cluster": "client" if client is not None else cluster,
+    }
+    _check_run_settings(out, settings, options.overwrite)
+    if options.overwrite:
+        for i in ids:
+            image_paths(out, i)["done"].unlink(missing_ok=True)
+    atomic_write_text(out / _RUN_JSON, json.dumps({"settings": settings, "status": "running"}, indent=1))
+
+    todo = [i for i in ids if not is_done(out, i, options)]
+    n_skipped = len(ids) - len(todo)
+    summary = BatchSummary(n_images=len(ids), n_skipped=n_skipped)
+    yield Event(EventKind.STAGE_START, stage="predict", n_batches=len(ids), batch=n_skipped,
+                message=f"{len(ids)} images, {n_skipped} already done, {len(todo)} to predict",
+                metrics={"n_images": len(ids), "n_skipped": n_skipped, "n_todo": len(todo)})
+    # A task redoes an image whatever its markers say: resume was decided here, once.
+    task_options = BatchOptions(**{**asdict(options), "overwrite": True})
+    stage_sums: dict[str, float] = {}
+    handled = n_skipped
+    stopped = False
+
+    def finish(rec: ImageRecord) -> Event:
+        nonlocal handled
+        handled += 1
+        if rec.status == "failed":
+            summary.n_failed += 1
+        else:
+            summary.n_done += 1
+            for k, v in rec.seconds.items():
+                stage_sums[k] = stage_sums.get(k, 0.0) + v
+        return Event(EventKind.ITEM, stage="predict", batch=handled, n_batches=len(ids),
+                     message=rec.image_id if rec.status != "failed" else f"{rec.image_id} FAILED: {rec.error}",
+                     metrics={"n_cells": float(rec.n_cells), **{f"seconds_{k}": v for k, v in rec.seconds.items()}},
+                     result=rec)
+
+    if todo:
+        ctx = contextlib.nullcontext((client, ClusterInfo(spec="client"))) if client is not None else \
+            open_client(cluster, cluster_config, max_workers, max_tries=max_tries, torch_threads=torch_threads)
+        with ctx as (cli, info):
+            if client is not None:
+                info.n_workers = len(cli.scheduler_info().get("workers", {}))
+                info.dashboard = _dashboard_link(cli)
+            msg = (f"Dask cluster {info.spec}: {info.n_workers} worker{'s' if info.n_workers != 1 else ''}"
+                   + (f", {info.torch_threads} torch thread(s) each" if info.torch_threads else "")
+                   + (f"; dashboard {info.dashboard}" if info.dashboard else
+                      "; no dashboard (pip install bokeh to get one)"))
+            log.info("%s", msg)
+            yield Event(EventKind.LOG, stage="predict", message=msg, path=info.dashboard)
+            task_model: Any = str(model) if is_path else None
+            key = ""
+            if not is_path:
+                key = f"predictor-{uuid.uuid4().hex[:12]}"
+                task_model = WorkerModel(key)
+            cli.register_plugin(_WorkerSetup(torch_threads=info.torch_threads if info.spec != "client" else 0,
+                                           key=key, predictor=None if is_path else model),
+                                name=f"napari-cpgcn-setup-{key or 'path'}")
+            try:
+                yield from _run_tasks(cli, info, todo, input_dir, task_model, out, task_options, max_tries,
+                                      should_stop, finish)
+            except _Stopped:
+                stopped = True
+
+    summary.seconds = time.perf_counter() - t_start
+    summary.seconds_by_stage = {k: v / summary.n_done for k, v in stage_sums.items()} if summary.n_done else {}
+    if stopped:
+        summary.stopped = True
+        log.warning("stopped after %d of %d images; rerun to resume", handled, len(ids))
+        yield Event(EventKind.STOPPED, stage="predict", batch=handled, n_batches=len(ids),
+                    message="stopped; finished images are kept, rerun to resume", result=summary)
+        return
+    assembled = assemble_outputs(out, ids, options, failures=None)
+    summary.paths = {"out_dir": str(out), **assembled["paths"]}
+    summary.n_cells = assembled["n_cells"]
+    summary.failures = assembled["failures"]
+    summary.n_failed = len(summary.failures)
+    atomic_write_text(out / _RUN_JSON, json.dumps(
+        {"settings": settings, "status": "finished", "summary": summary.as_dict()}, indent=1))
+    yield Event(EventKind.STAGE_END, stage="predict", batch=handled, n_batches=len(ids),
+                message=f"{summary.n_done} predicted, {summary.n_skipped} skipped, {summary.n_failed} failed; "
+                        f"{summary.n_cells} cells in {out / 'cells.csv'}")
+    yield Event(EventKind.DONE, stage="predict", result=summary, path=str(out))
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _run_tasks(client, info: ClusterInfo, todo: list[str], input_dir: Path, task_model: Any, out: Path,
+               options: BatchOptions, max_tries: int, should_stop: ShouldStop | None, finish) -> Iterator[Event]:
+    """Submit one :func:`process_image` task per image through a bounded window; yield ITEM events."""
+    from distributed import as_completed
+
+    window = max(64, 8 * max(1, info.n_workers))
+    token = uuid.uuid4().hex[:8]
+    pending = iter(todo)
+    futures: dict[Any, str] = {}
+    submit_kw: dict[str, Any] = {"pure": False, "retries": 0}
+    if info.resources:
+        submit_kw["resources"] = info.resources
+
+    def submit_next(ac) -> None:
+        image_id = next(pending, None)
+        if image_id is None:
+            return
+        fut = client.submit(process_image, str(input_dir), image_id, task_model, str(out), options,
+                            key=f"cpgcn-predict-{image_id}-{token}", **submit_kw)
+        futures[fut] = image_id
+        ac.add(fut)
+
+    ac = as_completed()
+    for _ in range(window):
+        submit_next(ac)
+    n_ok, n_errors = 0, 0
+    try:
+        for fut in ac:
+            image_id = futures.pop(fut)
+            try:
+                rec = fut.result()
+                n_ok += 1
+            except Exception as e:  # noqa: BLE001 - every way a task can end is recorded
+                from distributed import KilledWorker
+
+                if not isinstance(e, KilledWorker):
+                    n_errors += 1
+                    log.error("task for %s raised %s: %s", image_id, type(e).__name__, e)
+                    if n_ok == 0 and n_errors >= _MAX_SYSTEMIC_ERRORS:
+                        raise RuntimeError(
+                            f"the first {n_errors} tasks failed on the workers and none succeeded; the last "
+                            f"error ({image_id}): {type(e).__name__}: {e}. Check that the workers can import "
+                            "napari-cpgcn, read the model and see the input and output folders.") from e
+                rec = _error_record(out, image_id, e, max_tries)
+            finally:
+                fut.release()
+            submit_next(ac)
+            yield finish(rec)
+            if should_stop is not None and should_stop():
+                raise _Stopped
+    finally:
+        if futures:
+            client.cancel(list(futures))

@@ -1,0 +1,318 @@
+"""Scale-out: Dask-distributed folder prediction and torchrun (DDP) training.
+
+Prediction runs on real ``LocalCluster`` s of worker *processes*: the outputs must equal a
+serial run's, a worker process that dies on an image once must not cost that image, and an
+image that kills every worker that touches it ends in ``failures.csv`` with the partial exit
+code. Worker deaths are caused by a Dask worker preload script (test-only) that makes
+``read_input`` call ``os._exit`` on chosen images: nothing in the library knows about it.
+
+Training runs ``torchrun --nproc-per-node 2`` on tiny synthetic data and checks that rank 0
+alone writes checkpoints and that both ranks end with identical weights.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+
+pytest.importorskip("distributed")
+
+from napari_cpgcn.batch import BatchOptions, run_predict_folder  # noqa: E402
+from napari_cpgcn.celltable import cell_geometry  # noqa: E402
+from napari_cpgcn.classes import CHANNELS, N_CLASSES, SHORT_NAMES  # noqa: E402
+from napari_cpgcn.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main  # noqa: E402
+from napari_cpgcn.distributed import (  # noqa: E402
+    ClusterError,
+    ClusterSpec,
+    default_torch_threads,
+    jobqueue_kwargs,
+    make_jobqueue_cluster,
+    predict_folder_distributed,
+)
+from napari_cpgcn.training.events import EventKind  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_FILES = ("cells.csv", "images.csv", "failures.csv")
+
+
+# ----------------------------------------------------------------------------- a shippable predictor
+
+@dataclass
+class _Prediction:
+    image_id: str
+    image_probs: np.ndarray
+    cams: np.ndarray | None
+    cells: np.ndarray
+    table: pd.DataFrame
+
+
+class ThresholdPredictor:
+    """Cells = connected components of the blue channel; probabilities from the pixel values."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def __getstate__(self):  # shipped to workers once (a lock does not pickle)
+        return {}
+
+    def __setstate__(self, state):
+        self.lock = threading.Lock()
+
+    def predict(self, image, cells=None, segmentation="classical", with_cams=True):
+        from scipy import ndimage as ndi
+
+        data = image.data.astype(np.float32) / 255.0
+        cells, _ = ndi.label(data[2] > 0.5)
+        cells = cells.astype(np.uint32)
+        rng = np.random.default_rng(int(data.sum() * 1000) % (2**32))
+        image_probs = rng.random(N_CLASSES)
+        geo = cell_geometry(cells, image.image_id)
+        cell_p = rng.random((len(geo), N_CLASSES))
+        table = geo.copy()
+        fused = image_probs[None, :] * cell_p
+        table["top_class"] = [SHORT_NAMES[k] for k in fused.argmax(1)] if len(geo) else []
+        for prefix, arr in (("image", np.repeat(image_probs[None], len(geo), 0)), ("cell", cell_p), ("fused", fused)):
+            for k, s in enumerate(SHORT_NAMES):
+                table[f"{prefix}_{s}"] = arr[:, k]
+        cams = (np.broadcast_to(data[1][None], (N_CLASSES, *data.shape[1:])) * image_probs[:, None, None]
+                if with_cams else None)
+        return _Prediction(image.image_id, image_probs, cams, cells, table)
+
+
+def _write_image(folder: Path, image_id: str, rng: np.random.Generator, size: int = 48) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    blue = np.zeros((size, size), np.uint8)
+    for _ in range(rng.integers(2, 5)):
+        y, x = rng.integers(4, size - 10, 2)
+        blue[y:y + rng.integers(3, 7), x:x + rng.integers(3, 7)] = 200
+    for c in CHANNELS:
+        arr = blue if c == "blue" else rng.integers(0, 120, (size, size), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"{image_id}_{c}.png")
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    d = tmp_path / "images"
+    for i in range(6):
+        _write_image(d, f"img{i:02d}", rng)
+    return d
+
+
+def _outputs(out: Path, names=RUN_FILES) -> dict[str, bytes]:
+    files = {n: (out / n).read_bytes() for n in names}
+    for sub in ("masks", "cams"):
+        for f in sorted((out / sub).glob("*.tif")):
+            files[f"{sub}/{f.name}"] = tifffile.imread(f).tobytes()
+    return files
+
+
+def _kill_preload(tmp_path: Path, once: tuple[str, ...] = (), always: tuple[str, ...] = ()) -> Path:
+    """A Dask worker preload that exits the worker process when it reads chosen images.
+
+    ``once``: only the first time (a marker file remembers it across worker restarts);
+    ``always``: every time (a poison image).
+    """
+    markers = tmp_path / "kill-markers"
+    markers.mkdir(exist_ok=True)
+    script = tmp_path / "kill_preload.py"
+    script.write_text(textwrap.dedent(f"""
+        import os
+        from pathlib import Path
+
+        ONCE = {list(once)!r}
+        ALWAYS = {list(always)!r}
+        MARKERS = Path({str(markers)!r})
+
+        def dask_setup(worker):
+            import napari_cpgcn.batch as batch
+
+            original = batch.read_input
+
+            def read_input(input_dir, image_id):
+                if image_id in ALWAYS:
+                    (MARKERS / f"{{image_id}}.{{os.getpid()}}").touch()
+                    os._exit(17)
+                if image_id in ONCE:
+                    try:
+                        (MARKERS / f"{{image_id}}.once").touch(exist_ok=False)
+                    except FileExistsError:
+                        pass
+                    else:
+                        os._exit(17)
+                return original(input_dir, image_id)
+
+            batch.read_input = read_input
+    """))
+    return script
+
+
+@pytest.fixture
+def kill_hook(tmp_path, monkeypatch):
+    """Install the kill preload for worker processes started in this test."""
+    import dask
+
+    def install(once=(), always=()):
+        script = _kill_preload(tmp_path, tuple(once), tuple(always))
+        cm = dask.config.set({"distributed.worker.preload": [str(script)]})
+        cm.__enter__()
+        installed.append(cm)
+        return tmp_path / "kill-markers"
+
+    installed: list = []
+    yield install
+    for cm in installed:
+        cm.__exit__(None, None, None)
+
+
+# ----------------------------------------------------------------------------- specs
+
+def test_cluster_specs_parse_and_reject():
+    assert ClusterSpec.parse("local:3") == ClusterSpec("local", n_workers=3)
+    assert ClusterSpec.parse("tcp://10.0.0.5:8786") == ClusterSpec("tcp", address="tcp://10.0.0.5:8786")
+    assert ClusterSpec.parse("SLURM").kind == "slurm"
+    for bad in ("local:0", "local:x", "tcp://nohost", "kubernetes", ""):
+        with pytest.raises(ClusterError):
+            ClusterSpec.parse(bad)
+    assert default_torch_threads(2, cores=8) == 4
+    assert default_torch_threads(16, cores=8) == 1
+
+
+def test_jobqueue_config_builds_a_job_script():
+    cfg = {"cores": 8, "memory": "32GB", "walltime": "02:00:00", "queue": "gpu", "account": "lab",
+           "gpus": 1, "job_script_prologue": ["source ~/venv/bin/activate"]}
+    kwargs, threads = jobqueue_kwargs("slurm", cfg)
+    assert threads == 8 and "--gres=gpu:1" in kwargs["job_extra_directives"]
+    cluster = make_jobqueue_cluster("slurm", cfg)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    for line in ("#SBATCH -p gpu", "#SBATCH -A lab", "#SBATCH --gres=gpu:1", "#SBATCH -t 02:00:00",
+                 "export OMP_NUM_THREADS=8", "cpgcn_predict=1", "source ~/venv/bin/activate"):
+        assert line in script, line
+    with pytest.raises(ClusterError, match="not understood"):
+        jobqueue_kwargs("slurm", {"cores": 1, "memory": "1GB", "coress": 3})
+    with pytest.raises(ClusterError, match="memory"):
+        jobqueue_kwargs("lsf", {"cores": 1})
+
+
+# ----------------------------------------------------------------------------- prediction
+
+def test_local_cluster_equals_serial_and_resumes(folder, tmp_path):
+    opts = BatchOptions(save_cams=True, submission=True)
+    serial = tmp_path / "serial"
+    s = run_predict_folder(folder, ThresholdPredictor(), serial, opts)
+    assert (s.n_done, s.n_failed) == (6, 0)
+
+    dist = tmp_path / "dist"
+    events = list(predict_folder_distributed(folder, ThresholdPredictor(), dist, opts, cluster="local:2"))
+    kinds = [e.kind for e in events]
+    assert kinds[-1] == EventKind.DONE and kinds.count(EventKind.ITEM) == 6
+    log_ev = next(e for e in events if e.kind == EventKind.LOG)
+    assert "local:2" in log_ev.message and "2 workers" in log_ev.message
+    summary = events[-1].result
+    assert (summary.n_done, summary.n_skipped, summary.n_failed) == (6, 0, 0)
+    assert set(summary.seconds_by_stage) >= {"read", "predict", "write"}
+    names = (*RUN_FILES, "submission.csv")
+    assert _outputs(dist, names) == _outputs(serial, names)
+    assert not [p for p in dist.rglob("*") if p.name.endswith(".tmp")]
+
+    # rerun: every image is finished, no cluster is started, the files stay the same
+    again = list(predict_folder_distributed(folder, ThresholdPredictor(), dist, opts, cluster="local:2"))
+    assert not [e for e in again if e.kind == EventKind.LOG]
+    assert again[-1].result.n_skipped == 6 and again[-1].result.n_done == 0
+    assert _outputs(dist, names) == _outputs(serial, names)
+
+
+def test_worker_killed_once_still_finishes_every_image(folder, tmp_path, kill_hook):
+    markers = kill_hook(once=["img02", "img04"])
+    out = tmp_path / "out"
+    summary = None
+    for ev in predict_folder_distributed(folder, ThresholdPredictor(), out, BatchOptions(), cluster="local:2"):
+        if ev.kind == EventKind.DONE:
+            summary = ev.result
+    assert (markers / "img02.once").exists() and (markers / "img04.once").exists()  # the workers did die
+    assert (summary.n_done, summary.n_failed) == (6, 0)
+    serial = tmp_path / "serial"
+    run_predict_folder(folder, ThresholdPredictor(), serial, BatchOptions())
+    assert _outputs(out) == _outputs(serial)
+
+
+def test_poison_image_ends_in_failures_with_bounded_tries(folder, tmp_path, kill_hook):
+    markers = kill_hook(always=["img03"])
+    out = tmp_path / "out"
+    summary = None
+    for ev in predict_folder_distributed(folder, ThresholdPredictor(), out, BatchOptions(),
+                                         cluster="local:2", max_tries=2):
+        if ev.kind == EventKind.DONE:
+            summary = ev.result
+    assert len(list(markers.glob("img03.*"))) == 2  # tried exactly max_tries times
+    assert (summary.n_done, summary.n_failed) == (5, 1)
+    failures = pd.read_csv(out / "failures.csv")
+    assert list(failures.image_id) == ["img03"]
+    assert failures.stage[0] == "worker" and "WorkerKilled" in failures.error[0]
+    assert sorted(pd.read_csv(out / "images.csv").image_id) == [f"img{i:02d}" for i in range(6) if i != 3]
+
+
+def test_cli_usage_errors(folder, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    base = ["predict", str(folder), "--model", str(run), "--out", str(tmp_path / "o"), "-q"]
+    assert main([*base, "--cluster", "kubernetes"]) == EXIT_USAGE
+    assert main([*base, "--cluster", "slurm"]) == EXIT_USAGE  # no --cluster-config
+    assert main([*base, "--cluster", "slurm", "--cluster-config", str(tmp_path / "none.yaml")]) == EXIT_USAGE
+
+
+# ----------------------------------------------------------------------------- CLI, real trained model
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny trained pipeline and a folder of synthetic images to predict."""
+    pipeline = pytest.importorskip("napari_cpgcn.pipeline")
+    from napari_cpgcn.synth import generate_dataset
+
+    data = generate_dataset(tmp_path_factory.mktemp("synth"), 8, size=96, seed=3)
+    run = tmp_path_factory.mktemp("run") / "run"
+    cfg = pipeline.PipelineConfig.tiny(epochs=1, image_size=64).with_device("cpu")
+    for _ in pipeline.train_pipeline(data, data / "train.csv", run, cfg):
+        pass
+    return run, data
+
+
+@pytest.mark.slow
+def test_cli_cluster_predict_equals_serial_and_poison_is_partial(tiny_run, tmp_path, kill_hook):
+    from napari_cpgcn.io.hpa import list_image_ids, resolve_images_dir
+
+    run, data = tiny_run
+    ids = list_image_ids(resolve_images_dir(data))
+    serial, dist = tmp_path / "serial", tmp_path / "dist"
+    common = ["--model", str(run), "--device", "cpu", "-q"]
+    assert main(["predict", str(data), "--out", str(serial), *common]) == EXIT_OK
+    poison = ids[1]
+    kill_hook(once=[ids[4]], always=[poison])
+    code = main(["predict", str(data), "--out", str(dist), *common, "--cluster", "local:2", "--max-tries", "2"])
+    assert code == EXIT_PARTIAL
+    failures = pd.read_csv(dist / "failures.csv")
+    assert list(failures.image_id) == [poison] and failures.stage[0] == "worker"
+    # every other image equals the serial run's, row for row
+    s_cells, d_cells = pd.read_csv(serial / "cells.csv"), pd.read_csv(dist / "cells.csv")
+    pd.testing.assert_frame_equal(s_cells[s_cells.image_id != poison].reset_index(drop=True), d_cells)
+    s_img = pd.read_csv(serial / "images.csv")
+    pd.testing.assert_frame_equal(s_img[s_img.image_id != poison].reset_index(drop=True),
+                                  pd.read_csv(dist / "images.csv"))
+    for i in ids:
+        if i != poison:
+            assert (tifffile.imread(serial / "masks" / f"{i}.tif") == tifffile.imread(dist / "masks" / f"{i}.tif")).all()
+
+
+# ----------------------------------------------------------------------------- torchrun / DDP
