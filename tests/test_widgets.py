@@ -313,3 +313,89 @@ def test_export_current_image_and_folder(make_napari_viewer, qtbot, tmp_path, fa
     cells = pd.read_csv(blocker.args[0])
     assert sorted(set(cells["image_id"])) == ids and len(cells) == 8
     assert w.progress.value() == 2
+
+
+# --------------------------------------------------------------------------- train (real pipeline, tiny)
+
+@pytest.fixture(scope="module")
+def synth_set(tmp_path_factory) -> Path:
+    """Six 96² synthetic images with labels (napari_cpgcn.synth)."""
+    from napari_cpgcn.synth import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("synth") / "data", 6, size=96, seed=3)
+
+
+def _train_widget(viewer, qtbot, data: Path, out: Path):
+    from napari_cpgcn._widgets._train import TrainWidget
+
+    w = TrainWidget(viewer)
+    qtbot.addWidget(w)
+    w.preset.setCurrentText("tiny (a test)")
+    w.device.setCurrentText("cpu")
+    w.data_edit.setText(str(data / "images"))
+    w.csv_edit.setText(str(data / "train.csv"))
+    w.out_edit.setText(str(out))
+    return w
+
+
+def test_train_cancel_then_resume(make_napari_viewer, qtbot, tmp_path, synth_set):
+    import json
+
+    from napari_cpgcn._widgets._predict import PredictWidget
+    from napari_cpgcn.training.events import EventKind
+
+    viewer = make_napari_viewer()
+    predict = PredictWidget(viewer)
+    qtbot.addWidget(predict)
+    w = _train_widget(viewer, qtbot, synth_set, tmp_path / "run")
+    seen = []
+
+    def cancel_on_first_batch(ev):
+        seen.append(ev.kind)
+        if ev.kind == EventKind.BATCH and not w._stop():
+            w.cancel()
+
+    with qtbot.waitSignal(w.worker_finished, timeout=120000):
+        w.start()
+        w._worker.yielded.connect(cancel_on_first_batch)
+    assert EventKind.STOPPED in seen and EventKind.DONE not in seen
+    assert seen.index(EventKind.STOPPED) - seen.index(EventKind.BATCH) <= 3  # stopped within one batch
+    assert "Resume" in w.status.text()
+    assert not (tmp_path / "run" / "stages.json").exists() or "image_model" not in json.loads(
+        (tmp_path / "run" / "stages.json").read_text())
+    assert w.train_btn.isEnabled() and w.resume_btn.isEnabled()
+
+    with qtbot.waitSignal(w.trained, timeout=240000) as blocker:
+        w.resume()
+    qtbot.waitUntil(lambda: w._worker is None, timeout=10000)
+    run = Path(blocker.args[0])
+    assert (run / "cell_model" / "best.pt").is_file() or (run / "cell_model" / "latest.pt").is_file()
+    assert all(bar.value() == 100 for bar in w.bars.values())
+    assert w.plot.loss and "image_model" in w.plot.loss
+    assert str(run.resolve()) == predict.run_combo.currentText()  # selectable in Predict
+    assert "done in" in w.log.toPlainText()
+
+
+def test_train_refuses_bad_inputs_before_starting(make_napari_viewer, qtbot, tmp_path, synth_set, monkeypatch):
+    from napari_cpgcn._widgets import _train
+
+    shown = []
+    monkeypatch.setattr(_train, "notify_error", lambda msg, exc=None: shown.append(msg))
+    viewer = make_napari_viewer()
+    w = _train_widget(viewer, qtbot, synth_set, tmp_path / "run")
+    (tmp_path / "empty").mkdir()
+    w.data_edit.setText(str(tmp_path / "empty"))
+    w.start()
+    assert "holds no HPA images" in shown[-1]
+    w.data_edit.setText(str(synth_set / "images"))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("ID,Label\nx,42\n")
+    w.csv_edit.setText(str(bad))
+    w.start()
+    assert "unknown class id 42" in shown[-1]
+    other = tmp_path / "other.csv"
+    other.write_text("ID,Label\nnot_an_image,3\n")
+    w.csv_edit.setText(str(other))
+    w.start()
+    assert "matches an image" in shown[-1]
+    assert w._worker is None and not (tmp_path / "run").exists()

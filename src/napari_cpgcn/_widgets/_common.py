@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -33,6 +34,7 @@ __all__ = [
     "channel_layers_of",
     "current_image",
     "cells_layer_of",
+    "prepare_torch",
 ]
 
 
@@ -89,6 +91,34 @@ def start_worker(
         worker.finished.connect(on_finish)
     worker.start()
     return worker
+
+
+# --------------------------------------------------------------------------- torch in a GUI process
+
+def _mesa_llvm_loaded() -> bool:
+    """True when Mesa's libLLVM is mapped into this process (software OpenGL: llvmpipe)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
+            return any("libLLVM" in line for line in fh)
+    except OSError:  # not Linux
+        return False
+
+
+def prepare_torch() -> None:
+    """Import torch and torchvision on the GUI thread, before a worker needs them.
+
+    Why: under software OpenGL (Mesa llvmpipe: Xvfb, CI, remote desktops) the process already
+    holds Mesa's libLLVM, and loading Triton's own LLVM next to it (torchvision imports
+    ``torch._dynamo``, which imports ``triton`` when installed) kills the process with a
+    segmentation fault. Triton only serves ``torch.compile`` on CUDA, which this plugin does
+    not use, so in that situation it is hidden from torch. Importing here (once; later calls
+    are free) also keeps first-time imports out of worker threads.
+    """
+    if "triton" not in sys.modules and _mesa_llvm_loaded():
+        log.info("software OpenGL (Mesa LLVM) in this process: hiding triton from torch to avoid an LLVM clash")
+        sys.modules["triton"] = None  # type: ignore[assignment]  # `import triton` → ImportError
+    import torch  # noqa: F401
+    import torchvision.models  # noqa: F401
 
 
 # --------------------------------------------------------------------------- settings

@@ -34,6 +34,7 @@ from ._common import (
     load_settings,
     notify_error,
     notify_info,
+    prepare_torch,
     start_worker,
 )
 
@@ -158,6 +159,7 @@ class ExportWidget(QWidget):
         except Exception as e:
             notify_error(error_text(e), e)
             return
+        prepare_torch()
         self.folder_edit.setText(folder)
         self._stop.clear()
         self.folder_btn.setEnabled(False)

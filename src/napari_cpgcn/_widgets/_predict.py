@@ -40,6 +40,7 @@ from ._common import (
     load_settings,
     notify_error,
     notify_info,
+    prepare_torch,
     remove_layers,
     start_worker,
     update_settings,
@@ -203,6 +204,7 @@ class PredictWidget(QWidget):
                 cells = np.asarray(layer.data)
             seg = "classical"
         device = self.device_combo.currentText()
+        prepare_torch()
         update_settings(last_run=run, device=device)
         self.predict_btn.setEnabled(False)
         self.status.setText(f"predicting {image.image_id} with {Path(run).name} on {device} …")

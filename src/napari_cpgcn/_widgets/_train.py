@@ -1,0 +1,425 @@
+"""Train: run the whole CP-GCN pipeline (:func:`napari_cpgcn.pipeline.train_pipeline`) in a worker.
+
+The worker iterates the pipeline's event generator; every event is handed to the GUI thread,
+which updates one progress bar per stage, a live loss / validation-mAP plot (redrawn at most
+twice a second so the viewer stays responsive) and a log. Cancel sets a stop flag that the
+trainers poll between batches: the latest checkpoint is kept and Resume carries on from it
+(finished stages are skipped). When the run finishes it becomes selectable in Predict.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from qtpy.QtCore import QTimer, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_cpgcn.training.events import Event, EventKind, StopFlag
+
+from ._common import (
+    RUNS,
+    PathEdit,
+    error_text,
+    load_settings,
+    notify_error,
+    notify_info,
+    prepare_torch,
+    start_worker,
+    update_settings,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainWidget", "build_config", "check_training_inputs", "PRESETS"]
+
+STAGES = ("image_model", "refine", "segmentation", "pseudolabels", "cell_model")
+STAGE_TITLES = {"image_model": "CP-GCN image model", "refine": "K-means refinement",
+                "segmentation": "segmentation", "pseudolabels": "cell pseudo-labels", "cell_model": "cell model"}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+#: Form values of each preset: backbone, image size, epochs, batch size, K, rounds.
+PRESETS: dict[str, dict[str, Any]] = {
+    "small (CPU, minutes)": dict(backbone="resnet18", image_size=256, epochs=5, batch_size=8, k=5, rounds=1),
+    "tiny (a test)": dict(backbone="resnet18", image_size=64, epochs=1, batch_size=4, k=2, rounds=1),
+    "paper (GPU)": dict(backbone="resnet50", image_size=512, epochs=50, batch_size=8, k=10, rounds=3),
+}
+
+
+# --------------------------------------------------------------------------- core helpers (no Qt)
+
+def build_config(backbone: str, image_size: int, epochs: int, batch_size: int, k: int, rounds: int,
+                 device: str = "auto", preset: str = "small"):
+    """A :class:`~napari_cpgcn.pipeline.PipelineConfig` from the form's values.
+
+    ``preset`` ``"paper"`` starts from the paper's settings (ImageNet weights when present); the
+    others from :meth:`PipelineConfig.tiny` (random init, small GCN), then the form's values
+    override backbone, image size, epochs (every stage), batch size, K and rounds.
+    """
+    from napari_cpgcn.pipeline import PipelineConfig
+
+    base = PipelineConfig() if preset.startswith("paper") else PipelineConfig.tiny()
+    base.image = base.image.replace(backbone=backbone, image_size=image_size, epochs=epochs,
+                                    batch_size=batch_size)
+    base.refine = base.refine.replace(k=k, rounds=rounds, epochs=epochs, batch_size=batch_size)
+    base.cell = base.cell.replace(backbone=backbone, epochs=epochs)
+    config = base.with_device(device)
+    config.validate()
+    return config
+
+
+def check_training_inputs(data_dir: str, labels_csv: str, out_dir: str) -> str:
+    """Check the folder, the CSV and the output before anything starts; returns a summary line.
+
+    Raises
+    ------
+    ValueError, FileNotFoundError
+        Naming what is wrong: no images, a CSV with unknown class ids or ids that match no image.
+    """
+    from napari_cpgcn.io.hpa import list_image_ids
+    from napari_cpgcn.io.tables import read_labels_csv
+
+    if not data_dir:
+        raise ValueError("choose the folder of training images")
+    if not labels_csv:
+        raise ValueError("choose the labels CSV (ID,Label with |-joined class ids)")
+    if not out_dir:
+        raise ValueError("choose an output folder for the run")
+    ids = list_image_ids(data_dir)
+    if not ids:
+        raise FileNotFoundError(f"{data_dir} holds no HPA images (files named ID_red/_green/_blue/_yellow.png)")
+    table = read_labels_csv(labels_csv)  # unknown class ids / bad header raise here, naming the line
+    matched = set(table.ids) & set(ids)
+    if not matched:
+        raise ValueError(f"none of the {len(table.ids)} ids in {Path(labels_csv).name} matches an image in "
+                         f"{data_dir} (e.g. {table.ids[0] if table.ids else '—'} vs {ids[0]})")
+    return f"{len(matched)} labelled images of {len(ids)} in the folder"
+
+
+def _train_events(data_dir: str, labels_csv: str, out_dir: str, config, should_stop) -> Iterator[Event]:
+    """Worker body."""
+    from napari_cpgcn.pipeline import train_pipeline
+
+    yield from train_pipeline(data_dir, labels_csv, out_dir, config, should_stop)
+
+
+# --------------------------------------------------------------------------- the plot
+
+class LossPlot(QWidget):
+    """Batch loss (per stage) and validation mAP (per epoch), redrawn at most every 500 ms."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(4, 2.4), dpi=80, tight_layout=True)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.ax = self.figure.add_subplot(111)
+        self.ax2 = self.ax.twinx()
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.canvas)
+        self.setMinimumHeight(160)
+        self.clear()
+        self._dirty = False
+        self._timer = QTimer(self)
+        self._timer.setInterval(500)
+        self._timer.timeout.connect(self._redraw)
+        self._timer.start()
+
+    def clear(self) -> None:
+        self.loss: dict[str, list[tuple[int, float]]] = {}
+        self.mAP: list[tuple[int, float]] = []
+        self.step = 0
+        self._dirty = True
+
+    def add_loss(self, stage: str, loss: float) -> None:
+        self.step += 1
+        self.loss.setdefault(stage, []).append((self.step, float(loss)))
+        self._dirty = True
+
+    def add_map(self, value: float) -> None:
+        self.mAP.append((self.step, float(value)))
+        self._dirty = True
+
+    def _redraw(self) -> None:
+        if not self._dirty:
+            return
+        self._dirty = False
+        ax, ax2 = self.ax, self.ax2
+        ax.clear()
+        ax2.clear()
+        for stage, pts in self.loss.items():
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, lw=1, label=STAGE_TITLES.get(stage, stage))
+        if self.mAP:
+            xs, ys = zip(*self.mAP, strict=True)
+            ax2.plot(xs, ys, "k.--", lw=1, label="val mAP")
+            ax2.set_ylim(0, 1)
+        ax.set_xlabel("batch")
+        ax.set_ylabel("loss")
+        ax2.set_ylabel("val mAP")
+        if self.loss:
+            ax.legend(loc="upper right", fontsize=7)
+        self.canvas.draw_idle()
+
+
+# --------------------------------------------------------------------------- the widget
+
+class TrainWidget(QWidget):
+    """Dock widget: train the pipeline on an annotated folder in a background worker."""
+
+    #: Emitted with the run folder when training finished (not when stopped).
+    trained = Signal(str)
+    #: Emitted when the worker has ended, however it ended.
+    worker_finished = Signal()
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        from napari_cpgcn.models.backbone import BACKBONES
+
+        self.viewer = napari_viewer
+        self._worker = None
+        self._stop = StopFlag()
+        self._stage: str | None = None
+        self._t0 = 0.0
+        settings = load_settings()
+
+        self.data_edit = PathEdit("dir", "folder of training images")
+        self.csv_edit = PathEdit("file", "labels CSV (ID,Label)", "CSV (*.csv)")
+        self.out_edit = PathEdit("dir", "output (run) folder")
+        self.data_edit.setText(settings.get("train_data", ""))
+        self.csv_edit.setText(settings.get("train_csv", ""))
+        self.out_edit.setText(settings.get("train_out", ""))
+        self.data_edit.edit.editingFinished.connect(self._guess_csv)
+        self.preset = QComboBox()
+        self.preset.addItems(list(PRESETS))
+        self.preset.currentTextChanged.connect(self.apply_preset)
+        self.backbone = QComboBox()
+        self.backbone.addItems(list(BACKBONES))
+        self.image_size = self._spin(32, 4096, 32)
+        self.epochs = self._spin(1, 1000)
+        self.batch_size = self._spin(1, 512)
+        self.k = self._spin(1, 50)
+        self.rounds = self._spin(0, 10)
+        self.device = QComboBox()
+        self.device.addItems(DEVICES)
+        self.apply_preset(self.preset.currentText())
+
+        form = QFormLayout()
+        form.addRow("Images", self.data_edit)
+        form.addRow("Labels CSV", self.csv_edit)
+        form.addRow("Output", self.out_edit)
+        form.addRow("Preset", self.preset)
+        form.addRow("Backbone", self.backbone)
+        form.addRow("Image size", self.image_size)
+        form.addRow("Epochs / stage", self.epochs)
+        form.addRow("Batch size", self.batch_size)
+        form.addRow("K (sub-classes)", self.k)
+        form.addRow("Rounds", self.rounds)
+        form.addRow("Device", self.device)
+
+        self.train_btn = QPushButton("Train")
+        self.train_btn.clicked.connect(self.start)
+        self.resume_btn = QPushButton("Resume")
+        self.resume_btn.setToolTip("carry on the run in the output folder with its saved settings")
+        self.resume_btn.clicked.connect(self.resume)
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setToolTip("stop within one batch; the latest checkpoint is kept")
+        self.cancel_btn.setEnabled(False)
+        self.cancel_btn.clicked.connect(self.cancel)
+        btns = QHBoxLayout()
+        for b in (self.train_btn, self.resume_btn, self.cancel_btn):
+            btns.addWidget(b)
+
+        self.bars: dict[str, QProgressBar] = {}
+        stages_box = QGroupBox("Stages")
+        grid = QGridLayout(stages_box)
+        for r, stage in enumerate(STAGES):
+            bar = QProgressBar()
+            bar.setRange(0, 100)
+            bar.setValue(0)
+            bar.setFormat("%p%")
+            grid.addWidget(QLabel(STAGE_TITLES[stage]), r, 0)
+            grid.addWidget(bar, r, 1)
+            self.bars[stage] = bar
+        self.plot = LossPlot()
+        self.log = QPlainTextEdit()
+        self.log.setReadOnly(True)
+        self.log.setMaximumBlockCount(2000)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addLayout(btns)
+        lay.addWidget(self.status)
+        lay.addWidget(stages_box)
+        lay.addWidget(self.plot)
+        lay.addWidget(self.log, 1)
+
+    @staticmethod
+    def _spin(lo: int, hi: int, step: int = 1) -> QSpinBox:
+        s = QSpinBox()
+        s.setRange(lo, hi)
+        s.setSingleStep(step)
+        return s
+
+    def apply_preset(self, name: str) -> None:
+        p = PRESETS[name]
+        self.backbone.setCurrentText(p["backbone"])
+        self.image_size.setValue(p["image_size"])
+        self.epochs.setValue(p["epochs"])
+        self.batch_size.setValue(p["batch_size"])
+        self.k.setValue(p["k"])
+        self.rounds.setValue(p["rounds"])
+
+    def _guess_csv(self) -> None:
+        if self.csv_edit.text() or not self.data_edit.text():
+            return
+        from napari_cpgcn.layers import find_labels_csvs
+
+        try:
+            from napari_cpgcn.io.hpa import resolve_images_dir
+
+            found = find_labels_csvs(resolve_images_dir(self.data_edit.text()))
+        except OSError:
+            return
+        if found:
+            self.csv_edit.setText(str(found[0]))
+
+    # ------------------------------------------------------------------ start / stop
+
+    def config(self):
+        """The :class:`PipelineConfig` the form describes."""
+        return build_config(self.backbone.currentText(), self.image_size.value(), self.epochs.value(),
+                            self.batch_size.value(), self.k.value(), self.rounds.value(),
+                            self.device.currentText(), preset=self.preset.currentText())
+
+    def start(self, resume: bool = False) -> None:
+        """Check the inputs, then train in a worker (``resume``: with the run's saved config)."""
+        if self._worker is not None:
+            return
+        data, csv, out = self.data_edit.text(), self.csv_edit.text(), self.out_edit.text()
+        try:
+            summary = check_training_inputs(data, csv, out)
+            if resume:
+                if not (Path(out) / "config.json").is_file():
+                    raise FileNotFoundError(f"{out} holds no run to resume (no config.json); press Train")
+                from napari_cpgcn.pipeline import PipelineConfig
+
+                config = PipelineConfig.load(Path(out) / "config.json").with_device(self.device.currentText())
+            else:
+                config = self.config()
+        except Exception as e:
+            notify_error(error_text(e), e)
+            self.status.setText(f"not started: {error_text(e)}")
+            return
+        prepare_torch()
+        update_settings(train_data=data, train_csv=csv, train_out=out)
+        self._stop.clear()
+        for bar in self.bars.values():
+            bar.setValue(0)
+        self.plot.clear()
+        self._t0 = time.perf_counter()
+        self.train_btn.setEnabled(False)
+        self.resume_btn.setEnabled(False)
+        self.cancel_btn.setEnabled(True)
+        self._log(f"{'resuming' if resume else 'training'} {out}: {summary}")
+        self.status.setText("training …")
+        self._worker = start_worker(
+            _train_events, data, csv, out, config, self._stop,
+            on_yield=self.on_event,
+            on_error=self._failed,
+            on_finish=self._finished,
+        )
+
+    def resume(self) -> None:
+        self.start(resume=True)
+
+    def cancel(self) -> None:
+        """Ask the trainer to stop after the current batch."""
+        self._stop.set()
+        self.cancel_btn.setEnabled(False)
+        self.status.setText("stopping after the current batch …")
+
+    def _failed(self, exc: BaseException) -> None:
+        self.status.setText(f"training failed: {error_text(exc)} (finished stages and checkpoints are kept; "
+                            "fix the cause and press Resume)")
+        self._log(f"ERROR: {error_text(exc)}")
+        notify_error(f"training failed: {error_text(exc)}", exc)
+
+    def _finished(self) -> None:
+        self._worker = None
+        self.train_btn.setEnabled(True)
+        self.resume_btn.setEnabled(True)
+        self.cancel_btn.setEnabled(False)
+        self.worker_finished.emit()
+
+    # ------------------------------------------------------------------ events (GUI thread)
+
+    def _log(self, text: str) -> None:
+        self.log.appendPlainText(f"[{time.strftime('%H:%M:%S')}] {text}")
+
+    def on_event(self, ev: Event) -> None:
+        """Update bars, plot and log from one pipeline event (cheap: runs on the GUI thread)."""
+        stage = ev.stage if ev.stage in self.bars else self._stage
+        bar = self.bars.get(stage) if stage else None
+        kind = ev.kind
+        if kind == EventKind.STAGE_START:
+            self._stage = ev.stage
+            if bar is not None:
+                bar.setValue(0)
+            self._log(ev.message or f"{ev.stage} started")
+        elif kind == EventKind.STAGE_END:
+            if bar is not None:
+                bar.setValue(100)
+            self._log(f"{ev.stage}: {ev.message}")
+        elif kind == EventKind.BATCH:
+            if ev.loss is not None:
+                self.plot.add_loss(stage or "", ev.loss)
+            if bar is not None and ev.n_epochs and ev.n_batches:
+                frac = ((ev.epoch - 1) + ev.batch / ev.n_batches) / ev.n_epochs
+                bar.setValue(int(100 * min(max(frac, 0.0), 1.0)))
+        elif kind == EventKind.EPOCH_END:
+            m = ev.metrics or {}
+            if "val_mAP" in m and m["val_mAP"] == m["val_mAP"]:  # skip NaN (no positives in val)
+                self.plot.add_map(m["val_mAP"])
+            if bar is not None and ev.n_epochs:
+                bar.setValue(int(100 * ev.epoch / ev.n_epochs))
+            parts = [f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, float) and k != "seconds"]
+            self._log(f"{stage} epoch {ev.epoch}/{ev.n_epochs}: " + ", ".join(parts))
+        elif kind == EventKind.ITEM:
+            if bar is not None and ev.n_batches:
+                bar.setValue(int(100 * ev.batch / ev.n_batches))
+        elif kind == EventKind.LOG:
+            if ev.message:
+                self._log(f"{stage}: {ev.message}" if stage else ev.message)
+        elif kind == EventKind.STOPPED:
+            self._log(f"stopped: {ev.message}")
+            self.status.setText("stopped; the latest checkpoint is kept. Press Resume to carry on.")
+            notify_info("training stopped; press Resume to carry on")
+        elif kind == EventKind.DONE:
+            run = str(ev.result or self.out_edit.text())
+            minutes = (time.perf_counter() - self._t0) / 60
+            self._log(f"done in {minutes:.1f} min: {run}")
+            self.status.setText(f"trained: {run} (now selectable in Predict)")
+            RUNS.add(run)
+            notify_info(f"training finished: {run}")
+            self.trained.emit(run)
