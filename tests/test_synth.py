@@ -210,3 +210,13 @@ def test_sample_data_layers():
     assert len(kw["features"]) == int(data.max())
     im = synth_sample(seed=1, size=128)
     assert np.array_equal(im.cells, data)
+
+
+def test_synth_core_imports_no_torch_or_qt():
+    import subprocess
+    import sys
+
+    code = ("import sys, napari_cpgcn.synth, napari_cpgcn.cli._synth; "
+            "print(','.join(m for m in ('torch', 'napari', 'qtpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

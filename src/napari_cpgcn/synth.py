@@ -262,8 +262,9 @@ class _Layout:
     def n(self) -> int:
         return len(self.cy) - 1
 
-    @property
+    @functools.cached_property
     def cyto(self) -> np.ndarray:
+        """Cytoplasm pixels (in a cell, outside its nucleus)."""
         return (self.lab > 0) & ~self.nuc
 
 
@@ -943,7 +944,8 @@ def _render_channels(C: _Ctx, expr: np.ndarray) -> np.ndarray:
     lab, nuc, cyto = L.lab, L.nuc, L.cyto
     inside = lab > 0
     n = L.n
-    mit_px = L.mitotic[lab] & inside
+    any_mit = bool(L.mitotic.any())
+    mit_px = L.mitotic[lab] & inside if any_mit else None
 
     # ---- blue: nuclei with texture, darker nucleoli, bright condensed chromosomes in mitosis
     nb = rng.uniform(0.55, 1.0, n + 1).astype(np.float32)
@@ -951,7 +953,9 @@ def _render_channels(C: _Ctx, expr: np.ndarray) -> np.ndarray:
     tex2 = _smooth_noise(C.rng("blue_tex2"), shape, 5 * s)
     edge_soft = np.clip((1.0 - L.rn) / 0.12, 0, 1)
     blue = nb[lab] * edge_soft * (0.78 + 0.1 * tex + 0.1 * tex2) * (1 - 0.45 * C.nucleoli_map())
-    blue = blue * ~mit_px + mit_px * np.clip((1.0 - L.rn) / 0.25, 0, 1) * (1.25 + 0.3 * tex) * nb[lab]
+    if any_mit:  # condensed chromosomes: a bright plate
+        plate = np.clip((1.0 - L.rn) / 0.25, 0, 1) * (1.25 + 0.3 * tex) * nb[lab]
+        blue = np.where(mit_px, plate, blue)
 
     # ---- red: microtubules radiating from the nucleus, cortex; spindle in dividing cells
     rb = rng.uniform(0.5, 1.0, n + 1).astype(np.float32)
@@ -960,14 +964,15 @@ def _render_channels(C: _Ctx, expr: np.ndarray) -> np.ndarray:
     red = (1.2 * np.minimum(mt, 1.3) + rdiff) * cyto + 0.06 * nuc
     red = red * (0.6 + 0.4 * np.exp(-L.t / 0.4)) * C.edge_fade() + 0.05 * np.minimum(C.cell_edges(), 1) * inside
     red = red * rb[lab]
-    if L.mitotic.any():  # tubulin forms the spindle in dividing cells
-        red = red * ~mit_px + mit_px * (0.3 + 0.9 * _spindle(C))
+    if any_mit:  # tubulin forms the spindle in dividing cells
+        red = np.where(mit_px, 0.3 + 0.9 * _spindle(C), red)
 
     # ---- yellow: ER network, dense around the nucleus
     yb = rng.uniform(0.5, 1.0, n + 1).astype(np.float32)
     er = C.er_net()
     yellow = (1.5 * er + 0.4) * C.er_envelope() * yb[lab] + 0.06 * nuc
-    yellow = yellow * ~mit_px + mit_px * 0.22 * (0.6 + 0.4 * er) * C.edge_fade()
+    if any_mit:  # the ER disperses in mitosis
+        yellow = np.where(mit_px, 0.22 * (0.6 + 0.4 * er) * C.edge_fade(), yellow)
 
     # ---- green: the classes each cell expresses
     green = np.zeros(shape, np.float32)
@@ -989,7 +994,8 @@ def _render_channels(C: _Ctx, expr: np.ndarray) -> np.ndarray:
         x = ndi.gaussian_filter(ch.astype(np.float32), 0.55 * s + 0.25, truncate=3.0)
         x = x * np.float32(gains[name])
         bg = rng.uniform(0.3, 2.5) * (1 + 0.25 * bg_field)
-        shot = noise_rng.standard_normal(shape, dtype=np.float32)
+        # Uniform noise scaled to unit variance: indistinguishable here, 3x cheaper than normal.
+        shot = (noise_rng.random(shape, dtype=np.float32) - np.float32(0.5)) * np.float32(3.4641)
         x = x + bg + shot * np.sqrt(x * 0.3 + 0.8)
         out[ci] = np.clip(x + 0.5, 0, 255).astype(np.uint8)
     return out
