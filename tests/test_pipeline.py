@@ -171,3 +171,20 @@ def test_pipeline_config_round_trip(tmp_path):
     paper = PipelineConfig.paper()
     assert paper.refine.k == 10 and paper.refine.rounds == 3 and paper.cell.backbone == "resnet50"
     assert json.loads((tmp_path / "c.json").read_text())["cell"]["crop_size"] == 32
+
+
+def test_train_cli_then_rerun_skips(synth_data, tmp_path):
+    from napari_cpgcn.cli import main
+
+    run = tmp_path / "clirun"
+    argv = ["train", str(synth_data / "images"), "--labels", str(synth_data / "train.csv"), "--out", str(run),
+            "--preset", "tiny", "--image-size", "64", "--epochs", "1", "--k", "2", "--device", "cpu", "-q"]
+    assert main(argv) == 0
+    stages = json.loads((run / "stages.json").read_text())["finished"]
+    assert list(stages) == ["image_model", "refine", "segmentation", "pseudolabels", "cell_model"]
+    assert json.loads((run / "config.json").read_text())["refine"]["k"] == 2
+    before = (run / "stages.json").read_text()
+    assert main(argv) == 0
+    assert (run / "stages.json").read_text() == before
+    assert main(["train", str(synth_data / "images"), "--labels", str(synth_data / "train.csv"), "--out",
+                 str(run), "--k", "0", "-q"]) == 2  # bad usage

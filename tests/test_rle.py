@@ -95,3 +95,43 @@ def test_bad_strings_raise():
         decode_binary_mask("not base64!!", 10, 10)
     with pytest.raises(SubmissionError):
         parse_prediction_string("0 0.5")
+
+
+def test_export_kaggle_cli_round_trip(tmp_path):
+    """`napari-cpgcn export-kaggle` on a prediction folder: the submission decodes back to the masks."""
+    import pandas as pd
+    import tifffile
+
+    from napari_cpgcn.classes import SHORT_NAMES
+    from napari_cpgcn.cli import main
+
+    pred = tmp_path / "pred"
+    (pred / "masks").mkdir(parents=True)
+    masks = {}
+    rows = []
+    for n, iid in enumerate(["img_a", "img_b"]):
+        lab = np.zeros((20, 30), np.uint32)
+        lab[2:8, 3:10] = 1
+        lab[10:18, 12:28] = 2 + n
+        masks[iid] = lab
+        tifffile.imwrite(pred / "masks" / f"{iid}.tif", lab)
+        for cid in np.unique(lab)[1:]:
+            row = {"image_id": iid, "cell_id": int(cid)}
+            row.update({f"fused_{s}": (0.9 if k == cid else 0.01) for k, s in enumerate(SHORT_NAMES)})
+            rows.append(row)
+    pd.DataFrame(rows).to_csv(pred / "cells.csv", index=False)
+    out = tmp_path / "submission.csv"
+    assert main(["export-kaggle", str(pred), "--out", str(out), "--min-score", "0.5", "-q"]) == 0
+    back = {r.image_id: r for r in read_submission(out)}
+    assert set(back) == {"img_a", "img_b"}
+    for iid, r in back.items():
+        assert (r.width, r.height) == (30, 20)
+        got = list(r.masks())
+        assert len(got) == 2  # one class above 0.5 per cell
+        for k, conf, m in got:
+            assert conf == pytest.approx(0.9)
+            np.testing.assert_array_equal(m, masks[iid] == k)
+    # a missing mask -> partial exit code, the rest written
+    (pred / "masks" / "img_b.tif").unlink()
+    assert main(["export-kaggle", str(pred), "--out", str(out), "-q"]) == 3
+    assert [r.image_id for r in read_submission(out)] == ["img_a"]
