@@ -61,24 +61,21 @@ def iou_matrix(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarr
     pred_ids, true_ids : numpy.ndarray
         The label ids of the rows / columns (ids present in the images, sorted).
     """
+    from napari_cpgcn.evaluation.matching import iou_table
+
     pred = np.asarray(pred)
     true = np.asarray(true)
     if pred.shape != true.shape:
         raise ValueError(f"predicted mask {pred.shape} and true mask {true.shape} differ in shape")
-    # Compact the ids so the contingency table is (n_pred+1) x (n_true+1), whatever the ids are.
-    pred_ids, p = np.unique(pred.ravel(), return_inverse=True)
-    true_ids, t = np.unique(true.ravel(), return_inverse=True)
-    np_, nt = len(pred_ids), len(true_ids)
-    cont = np.bincount(p.astype(np.int64) * nt + t, minlength=np_ * nt).reshape(np_, nt)
-    area_p = cont.sum(1)
-    area_t = cont.sum(0)
-    # Drop the background row / column.
-    pk = pred_ids != 0
-    tk = true_ids != 0
-    inter = cont[np.ix_(pk, tk)].astype(np.float64)
-    union = area_p[pk][:, None] + area_t[tk][None, :] - inter
-    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-    return iou, pred_ids[pk], true_ids[tk]
+    pred_ids = np.unique(pred)
+    pred_ids = pred_ids[pred_ids != 0].astype(np.int64)
+    true_ids = np.unique(true)
+    true_ids = true_ids[true_ids != 0].astype(np.int64)
+    iou = np.zeros((len(pred_ids), len(true_ids)))
+    pi, ti, v = iou_table(pred, true)  # sparse: only the overlapping pairs
+    if len(v):
+        iou[np.searchsorted(pred_ids, pi), np.searchsorted(true_ids, ti)] = v
+    return iou, pred_ids, true_ids
 
 
 def match_cells(pred: np.ndarray, true: np.ndarray, iou_threshold: float = KAGGLE_IOU
