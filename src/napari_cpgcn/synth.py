@@ -293,8 +293,11 @@ def _make_layout(rng: np.random.Generator, shape: tuple[int, int], scale: float,
                  n_mitotic: int, density: float) -> _Layout:
     H, W = shape
     area_ref = (H / scale) * (W / scale) / 512**2
-    n_target = max(1, int(round(rng.uniform(8, 30) * density * area_ref)))
-    pts = _throw_seeds(rng, shape, scale, n_target, min_dist=58 * scale)
+    # Per-image "cell line": cell size and how much cytoplasm surrounds the nucleus.
+    line_size = rng.uniform(0.75, 1.15)
+    cyto_lo = rng.uniform(1.25, 1.7)
+    n_target = max(1, int(round(rng.uniform(8, 30) * density * area_ref / line_size**2)))
+    pts = _throw_seeds(rng, shape, scale, n_target, min_dist=58 * scale * line_size)
     # Mitotic cells must be inside the image: pick the seeds nearest the middle region.
     n = len(pts)
     inside = np.flatnonzero((pts[:, 0] > 40 * scale) & (pts[:, 0] < H - 40 * scale)
@@ -312,10 +315,10 @@ def _make_layout(rng: np.random.Generator, shape: tuple[int, int], scale: float,
         return np.concatenate([[0.0], v]).astype(np.float64)
 
     cy, cx = col(pts[:, 0]), col(pts[:, 1])
-    a = col(rng.uniform(22, 34, n) * scale)
-    b = a * col(rng.uniform(0.55, 0.9, n))
+    a = col(rng.uniform(25, 36, n) * scale * line_size)
+    b = a * col(rng.uniform(0.5, 0.8, n))
     theta = col(rng.uniform(0, np.pi, n))
-    R0 = np.maximum(a * col(rng.uniform(1.45, 2.3, n)), 1.4 * a)
+    R0 = np.maximum(a * col(rng.uniform(cyto_lo, cyto_lo + 0.6, n)), 1.3 * a)
     harm = np.zeros((n + 1, 3, 2))
     amp = rng.uniform(0, 1, (n, 3)) ** 0.7 * np.array([0.3, 0.6, 0.15])
     ph = rng.uniform(0, 2 * np.pi, (n, 3))
