@@ -12,6 +12,9 @@ alone writes checkpoints and that both ranks end with identical weights.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 import threading
 from dataclasses import dataclass
@@ -316,3 +319,88 @@ def test_cli_cluster_predict_equals_serial_and_poison_is_partial(tiny_run, tmp_p
 
 
 # ----------------------------------------------------------------------------- torchrun / DDP
+
+_DDP_WRAPPER = '''
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from napari_cpgcn.training import engine, image_trainer
+
+rank = os.environ["RANK"]
+record = Path(sys.argv[1])
+original_save, original_fit = engine.save_checkpoint, image_trainer.fit
+
+
+def save_checkpoint(path, *args, **kwargs):  # which rank writes which checkpoint
+    with open(record / f"saves.rank{rank}.txt", "a") as fh:
+        fh.write(Path(path).name + "\\n")
+    return original_save(path, *args, **kwargs)
+
+
+def fit(model, *args, **kwargs):  # each rank's weights once training is over
+    yield from original_fit(model, *args, **kwargs)
+    torch.save(model.state_dict(), record / f"weights.rank{rank}.pt")
+
+
+engine.save_checkpoint = save_checkpoint
+image_trainer.fit = fit
+
+from napari_cpgcn.cli import main  # noqa: E402
+
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny_labelled(tmp_path_factory) -> Path:
+    from napari_cpgcn.synth import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("ddp-data"), 10, size=64, seed=7)
+
+
+def _torchrun(tmp_path: Path, nproc: int, argv: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    record = tmp_path / "record"
+    record.mkdir(exist_ok=True)
+    wrapper = tmp_path / "ddp_wrapper.py"
+    wrapper.write_text(_DDP_WRAPPER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           str(wrapper), str(record), *argv]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+
+
+def test_torchrun_two_processes_train_image(tiny_labelled, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    argv = ["train-image", str(tiny_labelled), "--labels", str(tiny_labelled / "train.csv"), "--out", str(run),
+            "--backbone", "resnet18", "--epochs", "1", "--batch-size", "2", "--image-size", "64",
+            "--device", "cpu", "--imagenet-weights", "none", "--val-fraction", "0.3"]
+    proc = _torchrun(tmp_path, 2, argv)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    record = tmp_path / "record"
+    # rank 0 alone writes the checkpoints
+    assert (record / "saves.rank0.txt").read_text().split() == ["latest.pt", "best.pt"]
+    assert not (record / "saves.rank1.txt").exists()
+    assert (run / "latest.pt").is_file() and (run / "best.pt").is_file()
+    # the ranks end with identical weights (and buffers), equal to the checkpoint's
+    w0 = torch.load(record / "weights.rank0.pt", weights_only=True)
+    w1 = torch.load(record / "weights.rank1.pt", weights_only=True)
+    assert w0.keys() == w1.keys() and not any(k.startswith("module.") for k in w0)
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    ckpt = torch.load(run / "latest.pt", weights_only=True)
+    for k in w0:
+        assert torch.equal(ckpt["model"][k], w0[k]), k
+    history = pd.read_csv(run / "history.csv")
+    assert len(history) == 1 and np.isfinite(history.val_mAP[0]) and np.isfinite(history.train_loss[0])
+    log_text = (run / "train-image.log").read_text()
+    assert "rank 0 of 2" in log_text and "rank 1 of 2" not in log_text
+
+    # resume under torchrun: a second epoch continues from latest.pt
+    proc = _torchrun(tmp_path, 2, [*argv[:argv.index("--epochs")], "--epochs", "2", *argv[argv.index("--epochs") + 2:]])
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert len(pd.read_csv(run / "history.csv")) == 2

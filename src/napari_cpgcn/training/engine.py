@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from napari_cpgcn.training import ddp
 from napari_cpgcn.training.events import Event, EventKind, ShouldStop
 from napari_cpgcn.training.losses import focal_loss
 
@@ -419,6 +420,9 @@ def fit(
     latest_path, best_path = run_dir / "latest.pt", run_dir / "best.pt"
     meta = dict(meta or {})
     dev = resolve_device(device if device is not None else getattr(config, "device", "auto"))
+    # Under torchrun: start the process group, one GPU per local rank (a no-op otherwise).
+    dev = ddp.init_distributed(dev)
+    main_process = ddp.is_main_process()
     use_amp = bool(getattr(config, "amp", True)) and dev.type == "cuda"
     forward_fn = forward_fn or _default_forward
     logits_fn = logits_fn or default_logits
@@ -483,6 +487,10 @@ def fit(
                     result=result(False, start_epoch))
         return
 
+    # Under torchrun: DDP wrapper for the training steps, sharded loaders (no-ops otherwise).
+    train_model = ddp.wrap_model(model, dev, getattr(config, "batch_size", None))
+    train_loader = ddp.shard_loader(train_loader, seed)
+    val_loader = ddp.shard_eval_loader(val_loader)
     try:
         n_batches = len(train_loader)
     except TypeError:
@@ -492,18 +500,19 @@ def fit(
         es = epoch_seed(seed, epoch)
         seed_everything(es)
         _reseed_loader(train_loader, es)
+        ddp.set_epoch(train_loader, epoch)
         yield Event(EventKind.EPOCH_START, stage=stage, epoch=epoch + 1, n_epochs=n_epochs, n_batches=n_batches)
         if should_stop():
             yield _stopped(stage, epoch, n_epochs, latest_path, result(True, epoch))
             return
         t0 = time.perf_counter()
-        model.train()
+        train_model.train()
         total, count = 0.0, 0
         for b, batch in enumerate(train_loader):
             batch = _to_device(batch, dev)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(dev.type, enabled=use_amp):
-                output = forward_fn(model, batch)
+                output = forward_fn(train_model, batch)
                 loss = loss_fn(output, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -526,12 +535,15 @@ def fit(
             if should_stop():
                 yield _stopped(stage, epoch, n_epochs, latest_path, result(True, epoch))
                 return
+        total, count = ddp.all_reduce_sum(total, count, device=dev)
+        ddp.sync_buffers(model)  # the same BatchNorm statistics on every rank for validation
         train_loss = total / max(count, 1)
         metrics: dict[str, float] = {"train_loss": train_loss, "lr": float(optimizer.param_groups[0]["lr"])}
         scheduler.step()
         if val_loader is not None:
             ev = evaluate_loader(model, val_loader, dev, forward_fn=forward_fn, logits_fn=logits_fn,
                                  loss_fn=loss_fn, should_stop=should_stop, amp=use_amp)
+            ev = ddp.gather_eval(ev, val_loader)  # every rank's slice: metrics of the whole set
             if ev is None:
                 yield _stopped(stage, epoch, n_epochs, latest_path, result(True, epoch))
                 return
@@ -563,15 +575,18 @@ def fit(
             stage=stage,
         )
         model_state = model.state_dict()
-        save_checkpoint(latest_path, model_state, meta, **payload)
-        yield Event(EventKind.CHECKPOINT, stage=stage, epoch=epoch + 1, n_epochs=n_epochs, path=str(latest_path))
-        if improved:
+        if main_process:  # under torchrun only rank 0 writes (the ranks' weights are identical)
+            save_checkpoint(latest_path, model_state, meta, **payload)
+            yield Event(EventKind.CHECKPOINT, stage=stage, epoch=epoch + 1, n_epochs=n_epochs, path=str(latest_path))
+        if improved and main_process:
             # best.pt is a model for inference: weights, meta and config, without optimizer state.
             save_checkpoint(best_path, model_state, meta, epoch=epoch + 1, best_metric=best_metric,
                             best_epoch=best_epoch, config=payload["config"], history=history, stage=stage)
             yield Event(EventKind.CHECKPOINT, stage=stage, epoch=epoch + 1, n_epochs=n_epochs, path=str(best_path),
                         message="best")
-        _write_history(run_dir / "history.csv", history)
+        if main_process:
+            _write_history(run_dir / "history.csv", history)
+        ddp.barrier()  # the other ranks go on once rank 0's files are complete
         yield Event(EventKind.EPOCH_END, stage=stage, epoch=epoch + 1, n_epochs=n_epochs, loss=train_loss,
                     metrics=dict(metrics))
     yield Event(EventKind.DONE, stage=stage, epoch=n_epochs, n_epochs=n_epochs,
