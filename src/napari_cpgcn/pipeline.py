@@ -347,15 +347,9 @@ def _write_mask(path: Path, cells: np.ndarray) -> None:
 
 def segment(image: HPAImage | np.ndarray, method: str = "classical", **params: Any) -> np.ndarray:
     """Cells of one image with the segmentation package (``(Y, X)`` uint32)."""
-    data = image.data if isinstance(image, HPAImage) else np.asarray(image)
-    try:
-        from napari_cpgcn.segmentation import segment_cells
-    except ImportError:  # pragma: no cover - older segmentation package: classical backend only
-        if method != "classical":
-            raise
-        from napari_cpgcn.segmentation.classical import ClassicalParams, segment_classical
+    from napari_cpgcn.segmentation import segment_cells
 
-        return np.asarray(segment_classical(data, ClassicalParams(**params)), dtype=np.uint32)
+    data = image.data if isinstance(image, HPAImage) else np.asarray(image)
     return np.asarray(segment_cells(data, method=method, **params), dtype=np.uint32)
 
 
