@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_segmentation import CENTRES, cells_image
 
 from napari_cpgcn.classes import CHANNELS
-
-from test_segmentation import CENTRES, cells_image
 
 pytestmark = pytest.mark.gui
 
 
 def add_channels(viewer, data, image_id="img", tag=True):
-    for color, plane in zip(CHANNELS, data):
+    for color, plane in zip(CHANNELS, data, strict=True):
         meta = {"hpa_channel": color, "hpa_role": "channel", "image_id": image_id} if tag else {}
         viewer.add_image(plane, name=f"{image_id} {color}", metadata=meta, blending="additive")
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import KAGGLE2021_IDS
 from PIL import Image
 
-from conftest import KAGGLE2021_IDS
 from napari_cpgcn.classes import CHANNELS
 from napari_cpgcn.cli import main
 from napari_cpgcn.evaluation.matching import iou_table, match_labels, match_summary
@@ -192,7 +192,7 @@ def test_cellpose_runs_with_a_local_random_weight_model(tmp_path):
 
 def write_channels(folder: Path, image_id: str, data: np.ndarray) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for c, plane in zip(CHANNELS, data):
+    for c, plane in zip(CHANNELS, data, strict=True):
         Image.fromarray(plane).save(folder / f"{image_id}_{c}.png")
 
 
@@ -260,7 +260,7 @@ def test_matching_known_partial_case():
     # cell 3 missed; one false positive far away.
     pred = squares((0, 0, 4, 4), (12, 0, 16, 4), (16, 16, 20, 20))
     pid, tid, iou = iou_table(pred, true)
-    assert dict(zip(zip(pid.tolist(), tid.tolist()), iou.tolist())) == {(1, 1): 1.0, (2, 2): pytest.approx(1 / 3)}
+    assert dict(zip(zip(pid.tolist(), tid.tolist(), strict=True), iou.tolist(), strict=True)) == {(1, 1): 1.0, (2, 2): pytest.approx(1 / 3)}
     s = match_summary(pred, true, threshold=0.6)
     assert (s.n_pred, s.n_true, s.tp, s.fp, s.fn) == (3, 3, 1, 2, 2)
     assert s.precision == pytest.approx(1 / 3) and s.recall == pytest.approx(1 / 3)
