@@ -275,6 +275,8 @@ def _throw_seeds(rng: np.random.Generator, shape: tuple[int, int], scale: float,
     lo = np.array([-margin, -margin])
     hi = np.array([shape[0] + margin, shape[1] + margin])
     cand = rng.uniform(lo, hi, size=(n_target * 30, 2))
+    # The first centre lies well inside, so every image has at least one whole-ish cell.
+    cand[0] = rng.uniform([0.2 * shape[0], 0.2 * shape[1]], [0.8 * shape[0], 0.8 * shape[1]])
     pts: list[np.ndarray] = []
     md2 = min_dist**2
     for p in cand:
