@@ -235,6 +235,7 @@ def segment_cellpose(data: np.ndarray, params: CellposeParams | None = None) -> 
         f = max(1, int(round(diameter / WORKING_CELL_DIAMETER)))
     else:
         f = working_factor(diameter, params.downscale)
+    f = min(f, max(1, min(shape) // 16))  # never shrink below 16 px a side
     red, blue, yellow = (_normalise(_shrink(data[i], f)) for i in (0, 2, 3))
     cyto = np.clip((red + yellow) / 2.0, 0, None)
     model = load_cellpose_model(os.fspath(weights), _want_gpu(params.gpu),

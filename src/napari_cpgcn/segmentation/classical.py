@@ -284,7 +284,11 @@ def segment_classical(data: np.ndarray, params: ClassicalParams | None = None) -
     diameter = params.nucleus_diameter or default_nucleus_diameter(shape)
     if diameter <= 0:
         raise ValueError(f"nucleus_diameter must be > 0 pixels, got {diameter}")
+    if diameter > min(shape) / 2:
+        log.warning("nucleus_diameter %.0f px is more than half the image side (%s): expect no cells; "
+                    "the default for this size is %.0f px", diameter, shape, default_nucleus_diameter(shape))
     f = working_factor(diameter, params.downscale)
+    f = min(f, max(1, min(shape) // 16))  # never shrink below 16 px a side
     d_work = diameter / f
     log.debug("classical segmentation: %s, nucleus %.0f px, working factor %d", shape, diameter, f)
     blue = _shrink(data[2], f)
