@@ -36,12 +36,15 @@ def register(subparsers) -> None:
     p.add_argument("--model", "-m", required=True, metavar="RUN_OR_CKPT",
                    help="trained run folder (from `napari-cpgcn train` or `demo`) or a checkpoint inside one")
     p.add_argument("--out", "-o", required=True, metavar="OUT_DIR", help="output folder (rerun to resume)")
-    p.add_argument("--segmentation", default="classical", metavar="METHOD",
-                   help="cell segmentation: classical (default, no weights) or cellpose")
+    p.add_argument("--segmentation", default=None, metavar="METHOD",
+                   help="cell segmentation: classical (no weights) or cellpose; default: the method "
+                        "the run was trained with")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--batch-size", type=int, default=4,
                    help="images in flight per stage (read-ahead is twice this); memory grows with it (default 4)")
     p.add_argument("--workers", type=int, default=2, help="image reader threads (default 2)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default: torch's choice; 1 is often faster on a busy shared CPU)")
     p.add_argument("--save-cams", action="store_true", help="also write cams/{ID}.tif: (19, Y, X) uint8 CAMs")
     p.add_argument("--submission", action="store_true", help="also write submission.csv (Kaggle 2021 format)")
     p.add_argument("--overwrite", action="store_true", help="redo every image instead of resuming")
@@ -59,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.model).exists():
         raise UsageError(f"--model {args.model} does not exist; give a trained run folder "
                          "(`napari-cpgcn train` or `napari-cpgcn demo` writes one)")
-    if args.batch_size < 1 or args.workers < 1:
-        raise UsageError("--batch-size and --workers must be at least 1")
+    if args.batch_size < 1 or args.workers < 1 or args.threads < 0:
+        raise UsageError("--batch-size and --workers must be at least 1, --threads at least 0")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder")
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     options = BatchOptions(
         segmentation=args.segmentation, device=args.device, batch_size=args.batch_size,
         workers=args.workers, save_cams=args.save_cams, submission=args.submission,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, torch_threads=args.threads,
     )
     log.info("predict %s with %s -> %s", input_dir, model, out)
     summary = None
@@ -143,10 +146,11 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
                    help="an image whose worker process died N times is listed in failures.csv (default 3)")
 
 
-def cluster_predict_events(args: argparse.Namespace, input_dir, model, out, options):
-    """The events of :func:`napari_cpgcn.distributed.predict_folder_distributed` for the CLI arguments.
+def cluster_arguments(args: argparse.Namespace) -> dict:
+    """Checked ``cluster``, ``cluster_config``, ``max_workers``, ``max_tries`` keyword arguments.
 
-    Bad specs, a missing config and a missing Dask install are usage errors (exit 2).
+    Bad specs, a missing or bad config and a missing Dask install are usage errors (exit 2),
+    found before any work starts.
     """
     from napari_cpgcn.cli import UsageError
 
@@ -158,7 +162,6 @@ def cluster_predict_events(args: argparse.Namespace, input_dir, model, out, opti
             DaskMissingError,
             jobqueue_kwargs,
             load_cluster_config,
-            predict_folder_distributed,
             require_dask,
         )
     except ImportError as e:  # pragma: no cover - distributed.py imports Dask only if installed
@@ -169,13 +172,20 @@ def cluster_predict_events(args: argparse.Namespace, input_dir, model, out, opti
         spec = ClusterSpec.parse(args.cluster)
         require_dask(jobqueue=spec.kind in JOBQUEUE_KINDS)
         config = load_cluster_config(args.cluster_config)
-        if spec.kind in JOBQUEUE_KINDS and not config:
-            raise ClusterError(f"--cluster {spec.kind} needs --cluster-config FILE.yaml with the job settings "
-                               "(cores, memory, walltime, queue, ...); see docs/scaling.md")
         if spec.kind in JOBQUEUE_KINDS:
+            if not config:
+                raise ClusterError(f"--cluster {spec.kind} needs --cluster-config FILE.yaml with the job settings "
+                                   "(cores, memory, walltime, queue, ...); see docs/scaling.md")
             jobqueue_kwargs(spec.kind, config)  # unknown keys / missing cores or memory: fail now
     except (ClusterError, DaskMissingError) as e:
         raise UsageError(str(e)) from None
-    return predict_folder_distributed(input_dir, model, out, options, cluster=args.cluster,
-                                      cluster_config=config or None, max_workers=args.max_workers,
-                                      max_tries=args.max_tries)
+    return {"cluster": args.cluster, "cluster_config": config or None, "max_workers": args.max_workers,
+            "max_tries": args.max_tries}
+
+
+def cluster_predict_events(args: argparse.Namespace, input_dir, model, out, options):
+    """The events of :func:`napari_cpgcn.distributed.predict_folder_distributed` for the CLI arguments."""
+    kwargs = cluster_arguments(args)
+    from napari_cpgcn.distributed import predict_folder_distributed
+
+    return predict_folder_distributed(input_dir, model, out, options, **kwargs)
