@@ -79,10 +79,18 @@ def test_requested_labels_are_expressed():
 
 
 def test_mitotic_spindle_only_in_dividing_cells():
-    im = generate_image(2, size=256, labels=[11])
-    spindle = im.cell_labels[:, 11].astype(bool)
-    assert spindle.any()
-    assert np.array_equal(spindle, im.mitotic)
+    for seed in range(4):
+        im = generate_image(seed, size=256, labels=[11], mitosis_rate=0.0)
+        spindle = im.cell_labels[:, 11].astype(bool)
+        assert spindle.any()
+        assert np.array_equal(spindle, im.mitotic)
+    # Unstained dividing cells: visible in red, not labelled 11.
+    im = generate_image(1, size=256, labels=[0], mitosis_rate=1.0)
+    assert im.mitotic.sum() == 1 and im.cell_labels[:, 11].sum() == 0
+    assert im.cell_labels[im.mitotic, 0].sum() == 0  # no nucleus, no nuclear class
+    both = generate_image(3, size=256, labels=[11], mitosis_rate=1.0)
+    spindle = both.cell_labels[:, 11].astype(bool)
+    assert spindle.any() and (spindle <= both.mitotic).all() and both.mitotic.sum() > spindle.sum()
 
 
 def test_heterogeneity_lowers_expressing_fraction():

@@ -20,7 +20,7 @@ How an image is made
    cell is negative. Mitotic-spindle cells (11) are dividing cells: round, with a metaphase plate
    instead of a nucleus.
 4. *Channels.* Vectorised pattern generators over per-pixel cell coordinates (normalised nuclear
-   radius, cytoplasm depth, angle); then blur, background and noise; 8-bit output.
+   radius, cytoplasm depth, distance to the cell edge); then blur, background and noise; 8-bit output.
 
 Everything is deterministic given the seed: the same seed gives identical bytes.
 """
@@ -253,7 +253,6 @@ class _Layout:
     rn: np.ndarray         # normalised nucleus radius (1 = nuclear edge)
     rho: np.ndarray        # r / R(phi) (1 = nominal cell edge)
     t: np.ndarray          # cytoplasm depth 0 (nuclear edge) .. 1 (cell edge)
-    phi: np.ndarray        # angle around the nucleus centre
     u: np.ndarray          # coordinates along / across the nucleus axis (px)
     v: np.ndarray
     r: np.ndarray          # distance from the nucleus centre (px)
@@ -369,7 +368,6 @@ def _make_layout(rng: np.random.Generator, shape: tuple[int, int], scale: float,
     nwob = _smooth_noise(rng, shape, 4 * scale)
     rn = rn * (1 + np.float32(0.045) * nwob)
     r = np.sqrt(dx * dx + dy * dy) + np.float32(1e-3)
-    phi = np.arctan2(dy, dx)
     nuc = (rn < 1) & (lab > 0)
     rho = rho_eff
     r_edge_nuc = r / np.maximum(rn, 1e-3)      # nuclear edge radius along this ray
@@ -389,8 +387,8 @@ def _make_layout(rng: np.random.Generator, shape: tuple[int, int], scale: float,
     nuc &= lab > 0
     sel = np.flatnonzero(keep)
     return _Layout(shape, scale, cy[sel], cx[sel], a[sel], b[sel], theta[sel], R0[sel],
-                   harm[sel], mit[sel], lab, nuc, rn.astype(np.float32), rho.astype(np.float32),
-                   t.astype(np.float32), phi.astype(np.float32), u, v, r)
+                   harm[sel], mit[sel], lab, nuc, rn.astype(np.float32, copy=False),
+                   rho.astype(np.float32, copy=False), t.astype(np.float32, copy=False), u, v, r)
 
 
 def _radius(s: np.ndarray, c: np.ndarray, R0: float, h: np.ndarray) -> np.ndarray:
@@ -540,9 +538,8 @@ def _walk_filaments(
     mask = L.cyto if start_mask is None else start_mask
     ys, xs, cid = C.points_in(name + "_starts", mask, density / max(C.s, 0.1) ** 2)
     n = len(ys)
-    out = np.zeros(H * W, np.float32)
     if n == 0:
-        return out.reshape(H, W)
+        return np.zeros((H, W), np.float32)
     cy, cx = L.cy[cid], L.cx[cid]
 
     def preferred(y: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -561,6 +558,8 @@ def _walk_filaments(
     y, x = ys.copy(), xs.copy()
     lab = L.lab.ravel()
     nuc = L.nuc.ravel()
+    flats: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
     for j in range(int(length.max())):
         yi = np.clip(y.astype(np.intp), 0, H - 1)
         xi = np.clip(x.astype(np.intp), 0, W - 1)
@@ -568,7 +567,8 @@ def _walk_filaments(
         alive &= (j < length) & (lab[flat] == cid) & ~nuc[flat] & (y >= 0) & (y < H) & (x >= 0) & (x < W)
         if not alive.any():
             break
-        out += np.bincount(flat[alive], weights=amp[alive], minlength=H * W).astype(np.float32)
+        flats.append(flat[alive])
+        weights.append(amp[alive])
         target = preferred(y, x)
         diff = np.angle(np.exp(1j * (target - ang)))
         if mode != "radial":  # a line has no direction: relax to the nearer of the two
@@ -576,7 +576,10 @@ def _walk_filaments(
         ang = ang + pull * diff + rng.normal(0, turn, n)
         y = y + d * np.sin(ang)
         x = x + d * np.cos(ang)
-    return out.reshape(H, W)
+    if not flats:
+        return np.zeros((H, W), np.float32)
+    out = np.bincount(np.concatenate(flats), weights=np.concatenate(weights), minlength=H * W)
+    return out.astype(np.float32).reshape(H, W)
 
 
 # ============================================================================ green patterns
@@ -839,7 +842,7 @@ def _as_seedseq(rng_or_seed: int | np.random.SeedSequence | np.random.Generator 
 
 
 def _assign_expression(rng: np.random.Generator, labels: list[int], n: int, mitotic: np.ndarray,
-                       heterogeneity: float) -> np.ndarray:
+                       heterogeneity: float, n_spindle: int) -> np.ndarray:
     """(n_cells + 1, 19) bool: which cells express which class (row 0 = background)."""
     expr = np.zeros((n + 1, N_CLASSES), bool)
     ids = np.arange(1, n + 1)
@@ -848,7 +851,8 @@ def _assign_expression(rng: np.random.Generator, labels: list[int], n: int, mito
         if k == NEGATIVE:
             continue
         if k == 11:
-            expr[ids[mitotic[1:]], k] = True
+            dividing = ids[mitotic[1:]]
+            expr[rng.choice(dividing, min(n_spindle, len(dividing)), replace=False), k] = True
             continue
         frac = rng.uniform(1 - heterogeneity, 1)
         pool = interphase if (k in NUCLEAR or k in (7, 12, 15)) and len(interphase) else ids
@@ -865,6 +869,7 @@ def generate_image(
     *,
     cell_scale: float | None = None,
     density: float = 1.0,
+    mitosis_rate: float = 0.15,
     image_id: str | None = None,
 ) -> SynthImage:
     """Generate one synthetic HPA-like image with per-cell truth.
@@ -886,6 +891,9 @@ def generate_image(
         cell size relative to the field, i.e. ``min(Y, X) / 512``.
     density
         Multiplies the number of cells.
+    mitosis_rate
+        Probability that the image holds one dividing cell whose spindle is *not* stained
+        (visible in red, not labelled 11), besides the spindle-stained ones of class 11.
     image_id
         Id to record; default ``synth_<hash of the seed>``.
 
@@ -910,12 +918,14 @@ def generate_image(
             raise ValueError(f"unknown class id(s) {bad}; classes are 0..{N_CLASSES - 1}")
     if NEGATIVE in lab_list and len(lab_list) > 1:
         lab_list = [k for k in lab_list if k != NEGATIVE]
-    n_mit = 0
-    if 11 in lab_list:
-        n_mit = int(rng.integers(1, 3 if heterogeneity > 0.3 else 4))
-    L = _make_layout(_child_rng(seq, "layout"), shape, scale, n_mit, density)
+    n_spindle = int(rng.integers(1, 3 if heterogeneity > 0.3 else 4)) if 11 in lab_list else 0
+    # Dividing cells also occur where the protein does not stain the spindle: the red channel
+    # shows their spindle, the green does not, and they are not labelled 11.
+    n_unstained = int(rng.uniform() < mitosis_rate)
+    L = _make_layout(_child_rng(seq, "layout"), shape, scale, n_spindle + n_unstained, density)
     C = _Ctx(seq, L)
-    expr = _assign_expression(_child_rng(seq, "expression"), lab_list, L.n, L.mitotic, heterogeneity)
+    expr = _assign_expression(_child_rng(seq, "expression"), lab_list, L.n, L.mitotic, heterogeneity,
+                              n_spindle)
 
     data = _render_channels(C, expr)
 
@@ -1025,7 +1035,7 @@ def image_id_for(seed: int, index: int) -> str:
 def _write_png(path: Path, arr: np.ndarray) -> None:
     from PIL import Image
 
-    Image.fromarray(arr).save(path, compress_level=3)
+    Image.fromarray(arr).save(path, compress_level=1)  # fast; noisy images barely compress more
 
 
 def iter_generate_dataset(
