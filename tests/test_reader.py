@@ -19,6 +19,7 @@ REAL_FORMATS = {
     "kaggle2021_png": (KAGGLE2021_IDS[0], (2048, 2048), [0, 1, 2, 7], "png"),
     "kaggle2018_png": (KAGGLE2018_ID, (512, 512), [5], "png"),
     "hpa_archive_jpeg": (ARCHIVE_JPEG_IDS[0], (2048, 2048), None, "jpg"),
+    "cm4ai_jpeg": (ARCHIVE_JPEG_IDS[1], (2048, 2048), None, "jpg"),
 }
 
 

@@ -73,6 +73,13 @@ def test_browser_steps_through_a_folder_keeping_layers(make_napari_viewer, qtbot
         w.previous()
     assert _channel_names(viewer)[0] == "img0 red"
 
+    # keyboard: PageDown / PageUp step through the list
+    keys = {str(k): f for k, f in viewer.keymap.items()}
+    assert "PageDown" in keys and "PageUp" in keys
+    with qtbot.waitSignal(w.image_loaded, timeout=10000):
+        keys["PageDown"](viewer)
+    assert _channel_names(viewer)[0] == "img1 red"
+
 
 def test_browser_on_real_formats(make_napari_viewer, qtbot, hpa_samples):
     from napari_cpgcn._widgets._browser import BrowserWidget
