@@ -228,3 +228,18 @@ def test_synth_core_imports_no_torch_or_qt():
             "print(','.join(m for m in ('torch', 'napari', 'qtpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+@pytest.mark.gui
+def test_napari_open_sample(make_napari_viewer):
+    """The manifest's sample data opens in a viewer: 4 coloured additive channels + truth cells."""
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-cpgcn", "synthetic")
+    names = [layer.name for layer in viewer.layers]
+    assert len(viewer.layers) == 5 and names[-1] == "cells (truth)"
+    for layer, colour in zip(viewer.layers[:4], ("red", "green", "blue", "yellow")):
+        assert layer.colormap.name == colour
+        assert layer.blending == "additive"
+        assert layer.metadata["image_id"] == "synth_sample_0"
+    cells = viewer.layers[-1]
+    assert int(cells.data.max()) == len(cells.features)
