@@ -89,6 +89,16 @@ def test_blank_and_noise_images_give_empty_labels():
         assert labels.max() == 0
 
 
+def test_one_small_cell_in_a_large_empty_field():
+    # Nuclei cover < 0.1 % of the image: Otsu alone would threshold the noise.
+    data, truth = cells_image(shape=(400, 400), centres=[(200, 200)], nucleus_r=4, cell_r=12)
+    clipped = np.where(data < 30, 0, data).astype(np.uint8)  # hot pixels on a zero background
+    for image in (data, clipped):
+        labels = segment_cells(image, nucleus_diameter=8)
+        assert labels.max() == 1 and match_summary(labels, truth).f1 == 1.0
+    assert segment_cells(clipped).max() == 1  # even with a 4x too large default diameter
+
+
 def test_default_nucleus_diameter_scales_with_image():
     assert default_nucleus_diameter((512, 512)) == pytest.approx(43.5, abs=1)
     assert default_nucleus_diameter((2048, 2048)) == pytest.approx(4 * default_nucleus_diameter((512, 512)))
