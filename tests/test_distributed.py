@@ -318,6 +318,17 @@ def test_cli_cluster_predict_equals_serial_and_poison_is_partial(tiny_run, tmp_p
             assert (tifffile.imread(serial / "masks" / f"{i}.tif") == tifffile.imread(dist / "masks" / f"{i}.tif")).all()
 
 
+def test_cli_segment_on_cluster_equals_serial(tiny_labelled, tmp_path):
+    serial, dist = tmp_path / "serial", tmp_path / "dist"
+    assert main(["segment", str(tiny_labelled), "--out", str(serial), "-q"]) == EXIT_OK
+    assert main(["segment", str(tiny_labelled), "--out", str(dist), "-q", "--cluster", "local:2"]) == EXIT_OK
+    names = sorted(f.name for f in serial.glob("*.tif"))
+    assert names == sorted(f.name for f in dist.glob("*.tif")) and len(names) == 10
+    for n in names:
+        assert np.array_equal(tifffile.imread(serial / n), tifffile.imread(dist / n)), n
+    assert main(["segment", str(tiny_labelled), "--out", str(dist), "-q", "--cluster", "bogus"]) == EXIT_USAGE
+
+
 # ----------------------------------------------------------------------------- torchrun / DDP
 
 _DDP_WRAPPER = '''

@@ -86,6 +86,8 @@ __all__ = [
     "make_jobqueue_cluster",
     "open_client",
     "predict_folder_distributed",
+    "segment_folder_distributed",
+    "segment_image_task",
 ]
 
 log = logging.getLogger(__name__)
@@ -612,10 +614,16 @@ class _Stopped(Exception):
     pass
 
 
-def _run_tasks(client, info: ClusterInfo, todo: list[str], input_dir: Path, task_model: Any, out: Path,
-               options: BatchOptions, max_tries: int, should_stop: ShouldStop | None, finish) -> Iterator[Event]:
-    """Submit one :func:`process_image` task per image through a bounded window; yield ITEM events."""
-    from distributed import as_completed
+def _map_images(client, info: ClusterInfo, todo: list[str], fn, args_of, prefix: str,
+                should_stop: ShouldStop | None) -> Iterator[tuple[str, Any, BaseException | None]]:
+    """Run ``fn(*args_of(image_id))`` as one task per image through a bounded window.
+
+    Yields ``(image_id, result, None)`` or ``(image_id, None, exception)`` as tasks finish;
+    raises :class:`_Stopped` when ``should_stop`` asks, and ``RuntimeError`` when the first
+    tasks all raise (a model or environment problem, not an image's). Pending tasks are
+    cancelled on the way out (including Ctrl-C).
+    """
+    from distributed import KilledWorker, as_completed
 
     window = max(64, 8 * max(1, info.n_workers))
     token = uuid.uuid4().hex[:8]
@@ -624,29 +632,28 @@ def _run_tasks(client, info: ClusterInfo, todo: list[str], input_dir: Path, task
     submit_kw: dict[str, Any] = {"pure": False, "retries": 0}
     if info.resources:
         submit_kw["resources"] = info.resources
+    ac = as_completed()
 
-    def submit_next(ac) -> None:
+    def submit_next() -> None:
         image_id = next(pending, None)
         if image_id is None:
             return
-        fut = client.submit(process_image, str(input_dir), image_id, task_model, str(out), options,
-                            key=f"cpgcn-predict-{image_id}-{token}", **submit_kw)
+        fut = client.submit(fn, *args_of(image_id), key=f"{prefix}-{image_id}-{token}", **submit_kw)
         futures[fut] = image_id
         ac.add(fut)
 
-    ac = as_completed()
     for _ in range(window):
-        submit_next(ac)
+        submit_next()
     n_ok, n_errors = 0, 0
     try:
         for fut in ac:
             image_id = futures.pop(fut)
+            result, error = None, None
             try:
-                rec = fut.result()
+                result = fut.result()
                 n_ok += 1
-            except Exception as e:  # noqa: BLE001 - every way a task can end is recorded
-                from distributed import KilledWorker
-
+            except Exception as e:  # noqa: BLE001 - every way a task can end is reported
+                error = e
                 if not isinstance(e, KilledWorker):
                     n_errors += 1
                     log.error("task for %s raised %s: %s", image_id, type(e).__name__, e)
@@ -655,13 +662,138 @@ def _run_tasks(client, info: ClusterInfo, todo: list[str], input_dir: Path, task
                             f"the first {n_errors} tasks failed on the workers and none succeeded; the last "
                             f"error ({image_id}): {type(e).__name__}: {e}. Check that the workers can import "
                             "napari-cpgcn, read the model and see the input and output folders.") from e
-                rec = _error_record(out, image_id, e, max_tries)
             finally:
                 fut.release()
-            submit_next(ac)
-            yield finish(rec)
+            submit_next()
+            yield image_id, result, error
             if should_stop is not None and should_stop():
                 raise _Stopped
     finally:
         if futures:
             client.cancel(list(futures))
+
+
+def _run_tasks(client, info: ClusterInfo, todo: list[str], input_dir: Path, task_model: Any, out: Path,
+               options: BatchOptions, max_tries: int, should_stop: ShouldStop | None, finish) -> Iterator[Event]:
+    """One :func:`~napari_cpgcn.batch.process_image` task per image; yields its ITEM events."""
+    args = (str(input_dir), task_model, str(out), options)
+    for image_id, rec, error in _map_images(
+            client, info, todo, process_image, lambda i: (args[0], i, *args[1:]), "cpgcn-predict", should_stop):
+        if error is not None:
+            rec = _error_record(out, image_id, error, max_tries)
+        yield finish(rec)
+
+
+# --------------------------------------------------------------------------------------------
+# Segmentation (``napari-cpgcn segment --cluster``)
+# --------------------------------------------------------------------------------------------
+
+def segment_image_task(folder: str, image_id: str, out_dir: str, method: str,
+                       params: dict[str, Any]) -> dict[str, Any]:
+    """Segment one image into ``OUT/{ID}.tif`` (atomic); the unit of work of a segmentation task.
+
+    The same steps as :func:`napari_cpgcn.segmentation.folder.iter_segment_folder` (read,
+    segment, write), with the same errors reported as a failed image instead of raised.
+    """
+    from napari_cpgcn.io.hpa import read_image
+    from napari_cpgcn.segmentation import segment_cells
+    from napari_cpgcn.segmentation.folder import mask_path, write_mask
+
+    t0 = time.perf_counter()
+    try:
+        image = read_image(folder, image_id=image_id)
+        labels = segment_cells(image, method=method, **params)
+        path = write_mask(mask_path(out_dir, image_id), labels)
+    except (OSError, ValueError, RuntimeError, MemoryError) as e:
+        return {"image_id": image_id, "error": f"{type(e).__name__}: {e}"}
+    return {"image_id": image_id, "n_cells": int(labels.max()), "seconds": time.perf_counter() - t0,
+            "path": str(path)}
+
+
+def segment_folder_distributed(
+    input_dir: str | Path,
+    out_dir: str | Path,
+    method: str = "classical",
+    *,
+    overwrite: bool = False,
+    image_ids: list[str] | None = None,
+    should_stop: ShouldStop | None = None,
+    cluster: str = "local:2",
+    cluster_config: str | Path | dict | None = None,
+    max_workers: int | None = None,
+    max_tries: int = DEFAULT_MAX_TRIES,
+    torch_threads: int | None = None,
+    client: Any = None,
+    **params: Any,
+) -> Iterator[Event]:
+    """:func:`~napari_cpgcn.segmentation.folder.iter_segment_folder` on a Dask cluster.
+
+    Same arguments (plus the cluster's, as :func:`predict_folder_distributed`), same events and
+    the same ``DONE`` result ``{"done", "skipped", "failed"}``; an image whose worker process
+    died ``max_tries`` times is a failed image.
+    """
+    from napari_cpgcn.segmentation import make_params
+    from napari_cpgcn.segmentation.folder import mask_path
+
+    p = make_params(method, **params)  # bad parameters fail before any work
+    if method == "cellpose":
+        from napari_cpgcn.segmentation import resolve_cellpose_weights
+
+        resolve_cellpose_weights(p.model, p.models_dir)
+    if client is None:
+        ClusterSpec.parse(cluster)
+    folder = resolve_images_dir(input_dir)
+    ids = list(image_ids) if image_ids is not None else list_image_ids(folder)
+    if not ids:
+        raise FileNotFoundError(
+            f"{input_dir} holds no HPA images: expected files named ID_red.png, ID_green.png, "
+            "ID_blue.png, ID_yellow.png (or .jpg/.tif), or multi-channel TIFFs")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    skipped = [i for i in ids if not overwrite and mask_path(out, i).exists()]
+    skip_set = set(skipped)
+    todo = [i for i in ids if i not in skip_set]
+    yield Event(EventKind.STAGE_START, stage="segment", n_batches=len(todo),
+                message=f"segmenting {len(todo)} images with {method}")
+    done: list[str] = []
+    failed: dict[str, str] = {}
+    k = 0
+    if todo:
+        ctx = contextlib.nullcontext((client, ClusterInfo(spec="client"))) if client is not None else \
+            open_client(cluster, cluster_config, max_workers, max_tries=max_tries, torch_threads=torch_threads)
+        with ctx as (cli, info):
+            msg = f"Dask cluster {info.spec}: {info.n_workers} workers" + (
+                f"; dashboard {info.dashboard}" if info.dashboard else "")
+            log.info("%s", msg)
+            yield Event(EventKind.LOG, stage="segment", message=msg, path=info.dashboard)
+            if info.torch_threads:
+                cli.register_plugin(_WorkerSetup(torch_threads=info.torch_threads), name="napari-cpgcn-setup-path")
+            args = (str(folder), str(out), method, dict(params))
+            try:
+                for image_id, res, error in _map_images(
+                        cli, info, todo, segment_image_task, lambda i: (args[0], i, *args[1:]), "cpgcn-segment",
+                        should_stop):
+                    k += 1
+                    if error is not None:
+                        res = {"error": (f"WorkerKilled: the worker process died each of the {max_tries} times "
+                                         "it segmented this image" if type(error).__name__ == "KilledWorker"
+                                         else f"{type(error).__name__}: {error}")}
+                    if "error" in res:
+                        failed[image_id] = res["error"]
+                        log.error("image %s failed: %s", image_id, res["error"])
+                        yield Event(EventKind.ITEM, stage="segment", batch=k, n_batches=len(todo),
+                                    message=f"failed {image_id}: {res['error']}", metrics={"failed": 1.0})
+                        continue
+                    done.append(image_id)
+                    yield Event(EventKind.ITEM, stage="segment", batch=k, n_batches=len(todo), path=res["path"],
+                                message=f"{image_id}: {res['n_cells']} cells",
+                                metrics={"n_cells": float(res["n_cells"]), "seconds": res["seconds"]})
+            except _Stopped:
+                yield Event(EventKind.STOPPED, stage="segment", batch=k, n_batches=len(todo),
+                            message=f"stopped after {k} images",
+                            result={"done": sorted(done), "skipped": skipped, "failed": failed})
+                return
+    done = [i for i in ids if i in set(done)]  # folder order, as the serial run reports them
+    yield Event(EventKind.DONE, stage="segment",
+                message=f"{len(done)} segmented, {len(skipped)} skipped, {len(failed)} failed",
+                result={"done": done, "skipped": skipped, "failed": failed})

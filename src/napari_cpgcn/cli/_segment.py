@@ -70,6 +70,9 @@ def register(subparsers) -> None:
     p.add_argument("--gpu", choices=("auto", "yes", "no"), default="auto",
                    help="cellpose: use the GPU (default: when available)")
     p.add_argument("--overwrite", action="store_true", help="redo images that already have a mask")
+    from napari_cpgcn.cli._predict import add_cluster_arguments
+
+    add_cluster_arguments(p)
     add_common_arguments(p)
     p.set_defaults(func=run)
 
@@ -89,7 +92,14 @@ def run(args: argparse.Namespace) -> int:
     elif args.diameter is not None or args.model != "cyto3" or args.gpu != "auto":
         raise UsageError("--model, --diameter and --gpu apply to --method cellpose only")
 
-    events = iter_segment_folder(input_dir, args.out, args.method, overwrite=args.overwrite, **params)
+    if args.cluster:  # one Dask task per image (napari_cpgcn.distributed)
+        from napari_cpgcn.cli._predict import cluster_arguments
+        from napari_cpgcn.distributed import segment_folder_distributed
+
+        events = segment_folder_distributed(input_dir, args.out, args.method, overwrite=args.overwrite,
+                                            **cluster_arguments(args), **params)
+    else:
+        events = iter_segment_folder(input_dir, args.out, args.method, overwrite=args.overwrite, **params)
     bar = None
     result: dict = {}
     try:
