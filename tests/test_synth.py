@@ -237,7 +237,7 @@ def test_napari_open_sample(make_napari_viewer):
     viewer.open_sample("napari-cpgcn", "synthetic")
     names = [layer.name for layer in viewer.layers]
     assert len(viewer.layers) == 5 and names[-1] == "cells (truth)"
-    for layer, colour in zip(viewer.layers[:4], ("red", "green", "blue", "yellow")):
+    for layer, colour in zip(viewer.layers[:4], ("red", "green", "blue", "yellow"), strict=True):
         assert layer.colormap.name == colour
         assert layer.blending == "additive"
         assert layer.metadata["image_id"] == "synth_sample_0"

@@ -218,7 +218,7 @@ def _render_blobs(shape: tuple[int, int], ys: Sequence[float], xs: Sequence[floa
                   radii: Sequence[float], amps: Sequence[float], soft: float = 1.0) -> np.ndarray:
     """Flat-topped round blobs with a soft edge (``soft`` pixels), drawn in their bounding boxes."""
     out = np.zeros(shape, np.float32)
-    for y, x, r, a in zip(ys, xs, radii, amps):
+    for y, x, r, a in zip(ys, xs, radii, amps, strict=True):
         m = r + 3 * soft + 1
         y0, y1 = max(int(y - m), 0), min(int(y + m) + 1, shape[0])
         x0, x1 = max(int(x - m), 0), min(int(x + m) + 1, shape[1])
@@ -510,7 +510,7 @@ class _Ctx:
 
 
 def _walk_filaments(
-    C: "_Ctx", name: str, density: float, n_steps: tuple[int, int], mode: str,
+    C: _Ctx, name: str, density: float, n_steps: tuple[int, int], mode: str,
     turn: float, pull: float, start_mask: np.ndarray | None = None,
     cell_angle: np.ndarray | None = None, step: float = 1.2,
 ) -> np.ndarray:
@@ -1005,7 +1005,7 @@ def _render_channels(C: _Ctx, expr: np.ndarray) -> np.ndarray:
              "blue": rng.uniform(120, 200), "yellow": rng.uniform(130, 210)}
     noise_rng = C.rng("noise")
     bg_field = _smooth_noise(C.rng("bg"), shape, 60 * s)
-    for ci, (name, ch) in enumerate(zip(CHANNELS, (red, green, blue, yellow))):
+    for ci, (name, ch) in enumerate(zip(CHANNELS, (red, green, blue, yellow), strict=True)):
         x = ndi.gaussian_filter(ch.astype(np.float32), 0.55 * s + 0.25, truncate=3.0)
         x = x * np.float32(gains[name])
         bg = rng.uniform(0.3, 2.5) * (1 + 0.25 * bg_field)
