@@ -702,14 +702,16 @@ def _spindle(C: _Ctx) -> np.ndarray:
     # Spindle axis is perpendicular to the chromosome plate (u = along the plate).
     x = L.v / (1.1 * a)       # along the spindle axis, poles at +-1
     y = L.u / (0.85 * a)      # across
-    inside = (np.abs(x) < 1) & (np.abs(y) < np.clip(1 - x * x, 0, 1) ** 1.3 + 0.05)
+    # Soft lemon-shaped body between the poles.
+    half_width = np.clip(1 - x * x, 0, 1) ** 1.3 + 0.05
+    inside = np.clip((half_width - np.abs(y)) / 0.2, 0, 1) * np.clip((1 - np.abs(x)) / 0.15, 0, 1)
     # Fibres: lines through the poles -> angle seen from the nearer pole.
     px = np.sign(x)
     ang = np.arctan2(y, (px - x) + 1e-3)
     K = 64
     tab = np.clip(rng.standard_normal((L.n + 1, K)).astype(np.float32) - 0.2, 0, None)
     k = ((ang + np.pi / 2) / np.pi * K).astype(np.intp).clip(0, K - 1)
-    fib = 0.35 + 0.65 * np.minimum(tab[lab, k], 1.5)
+    fib = 0.2 + 0.8 * np.minimum(tab[lab, k], 1.5)
     poles = np.exp(-((np.abs(x) - 1) ** 2 + y**2) / 0.012)
     m = L.mitotic[lab]
     return ((fib * inside) * 0.9 + poles) * m
@@ -969,7 +971,8 @@ def _render_channels(C: _Ctx, expr: np.ndarray) -> np.ndarray:
     edge_soft = np.clip((1.0 - L.rn) / 0.12, 0, 1)
     blue = nb[lab] * edge_soft * (0.78 + 0.1 * tex + 0.1 * tex2) * (1 - 0.45 * C.nucleoli_map())
     if any_mit:  # condensed chromosomes: a bright plate
-        plate = np.clip((1.0 - L.rn) / 0.25, 0, 1) * (1.25 + 0.3 * tex) * nb[lab]
+        clumps = np.clip(0.55 + 0.5 * _smooth_noise(C.rng("chromosomes"), shape, 1.8 * s), 0, 1)
+        plate = np.clip((1.0 - L.rn) / 0.35, 0, 1) * (0.5 + 0.9 * clumps) * nb[lab]
         blue = np.where(mit_px, plate, blue)
 
     # ---- red: microtubules radiating from the nucleus, cortex; spindle in dividing cells
@@ -980,14 +983,14 @@ def _render_channels(C: _Ctx, expr: np.ndarray) -> np.ndarray:
     red = red * (0.6 + 0.4 * np.exp(-L.t / 0.4)) * C.edge_fade() + 0.05 * np.minimum(C.cell_edges(), 1) * inside
     red = red * rb[lab]
     if any_mit:  # tubulin forms the spindle in dividing cells
-        red = np.where(mit_px, 0.3 + 0.9 * _spindle(C), red)
+        red = np.where(mit_px, (0.08 + 0.25 * mt) * C.edge_fade() + 0.9 * _spindle(C), red)
 
     # ---- yellow: ER network, dense around the nucleus
     yb = rng.uniform(0.5, 1.0, n + 1).astype(np.float32)
     er = C.er_net()
     yellow = (1.5 * er + 0.4) * C.er_envelope() * yb[lab] + 0.06 * nuc
     if any_mit:  # the ER disperses in mitosis
-        yellow = np.where(mit_px, 0.22 * (0.6 + 0.4 * er) * C.edge_fade(), yellow)
+        yellow = np.where(mit_px, 0.2 * (0.3 + 0.9 * er) * C.edge_fade(), yellow)
 
     # ---- green: the classes each cell expresses
     green = np.zeros(shape, np.float32)
