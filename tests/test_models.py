@@ -192,9 +192,11 @@ def test_cpgcn_logit_is_inner_product_of_t_and_l():
         f = model.forward_features(x)
         logits, m = model.forward_head(f)
         t, _ = model.cpm(f)
-        ll = model.gcn()
+        ll = torch.nn.functional.normalize(model.gcn(), dim=1) * model.gcn_log_scale.exp()
         expected = (t[0] * ll).sum(-1) + model.class_bias
     torch.testing.assert_close(logits[0], expected)
+    raw = build_image_model(cfg.replace(gcn_normalize=False), label_matrix=np.eye(N_CLASSES))
+    assert not hasattr(raw, "gcn_log_scale")
 
 
 def test_unknown_backbone_and_variant():

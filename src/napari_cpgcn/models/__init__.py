@@ -35,7 +35,7 @@ def build_image_model(config, label_matrix: np.ndarray | None = None, *, weights
     ----------
     config
         The model fields: ``backbone``, ``variant``, ``classes``, ``cpm_norm``, ``tau``,
-        ``gcn_hidden``, ``gcn_activation``, ``mean``, ``std``, ``imagenet_weights``.
+        ``gcn_hidden``, ``gcn_activation``, ``gcn_normalize``, ``mean``, ``std``, ``imagenet_weights``.
     label_matrix
         (n_images, C) multi-hot *training* labels for the label graph; ``None`` leaves an
         identity graph (the right one is then loaded from a checkpoint).
@@ -70,4 +70,5 @@ def build_image_model(config, label_matrix: np.ndarray | None = None, *, weights
         cpm_norm=config.cpm_norm,
         gcn_hidden=config.gcn_hidden,
         gcn_activation=config.gcn_activation,
+        gcn_normalize=getattr(config, "gcn_normalize", True),
     )

@@ -57,6 +57,11 @@ class CPGCN(nn.Module):
         CPM spatial normalisation (``"softmax"`` or ``"sigmoid"``).
     gcn_hidden, gcn_activation
         Label-GCN hidden width and activation.
+    gcn_normalize
+        Use l_c / ‖l_c‖ times one learned scale (log-parametrised, starts at 1) instead of the
+        raw GCN output. The raw bilinear score ⟨t_c, l_c⟩ under Adam moves the logits by tens per
+        step early in training (every GCN weight moves by ~lr at once); the normalised form keeps
+        the paper's score up to a shared magnitude and trains stably.
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class CPGCN(nn.Module):
         cpm_norm: str = "softmax",
         gcn_hidden: int = 1024,
         gcn_activation: str = "leaky_relu",
+        gcn_normalize: bool = True,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -85,6 +91,9 @@ class CPGCN(nn.Module):
             if word_vectors is None or adjacency is None:
                 raise ValueError(f"variant {variant!r} needs label word vectors and an adjacency")
             self.gcn = LabelGCN(word_vectors, adjacency, d, hidden=gcn_hidden, activation=gcn_activation)
+            self.gcn_normalize = bool(gcn_normalize)
+            if self.gcn_normalize:
+                self.gcn_log_scale = nn.Parameter(torch.zeros(()))
         if variant == "cnn":
             self.fc = nn.Linear(d, n_classes)
         elif variant == "cnn+cpm":
@@ -102,7 +111,10 @@ class CPGCN(nn.Module):
         if self.variant == "cnn+cpm":
             return self.class_weight
         assert self.gcn is not None
-        return self.gcn()
+        w = self.gcn()
+        if self.gcn_normalize:
+            w = F.normalize(w, dim=1) * self.gcn_log_scale.exp()
+        return w
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 4, Y, X) in [0, 1] → feature map (B, D, h, w)."""

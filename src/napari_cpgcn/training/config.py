@@ -154,6 +154,8 @@ class ImageModelConfig(TrainConfig):
         CPM spatial normalisation: ``"softmax"`` or ``"sigmoid"``.
     tau, gcn_hidden, gcn_activation
         Label graph threshold, GCN hidden width and activation (``"leaky_relu"`` or ``"relu"``).
+    gcn_normalize
+        Unit-normalise the GCN classifiers l_c (times one learned scale) for stable training.
     oaa, oaa_threshold, oaa_size
         Online attention accumulation on/off, the probability a positive class needs for its map
         to be accumulated, and the side of the stored maps.
@@ -177,6 +179,7 @@ class ImageModelConfig(TrainConfig):
     tau: float = 0.3
     gcn_hidden: int = 1024
     gcn_activation: str = "leaky_relu"
+    gcn_normalize: bool = True
     oaa: bool = True
     oaa_threshold: float = 0.5
     oaa_size: int = 32

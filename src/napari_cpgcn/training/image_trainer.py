@@ -26,7 +26,7 @@ from napari_cpgcn.training.engine import fit, resolve_device, seed_everything
 from napari_cpgcn.training.events import Event, EventKind, ShouldStop
 from napari_cpgcn.training.oaa import OAAStore
 
-__all__ = ["train_image_model", "image_model_meta", "load_split"]
+__all__ = ["train_image_model", "image_model_meta", "load_split", "init_class_bias"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,19 @@ def load_split(run_dir: str | Path) -> dict[str, list[str]] | None:
     """``{"train": [...], "val": [...]}`` of a run, or None."""
     p = Path(run_dir) / "split.json"
     return json.loads(p.read_text()) if p.is_file() else None
+
+
+def init_class_bias(model, labels: np.ndarray, eps: float = 1e-3) -> None:
+    """Start each class's bias at the logit of its training frequency (the prior).
+
+    The usual focal-loss initialisation (Lin et al. 2017): rare classes start near their low
+    prior instead of 0.5, so the first epochs are not spent pushing all 19 outputs down.
+    """
+    prior = np.clip(np.asarray(labels, dtype=np.float64).mean(axis=0), eps, 1 - eps)
+    logit = torch.as_tensor(np.log(prior / (1 - prior)), dtype=torch.float32)
+    bias = model.fc.bias if model.variant == "cnn" else model.class_bias
+    with torch.no_grad():
+        bias.copy_(logit.to(bias.device))
 
 
 def _seed_worker(worker_id: int) -> None:  # numpy in workers follows torch's per-worker seed
@@ -148,6 +161,7 @@ def train_image_model(
     device = resolve_device(config.device)
     seed_everything(config.seed)  # the same seed gives the same initial weights
     model = build_image_model(config, label_matrix=train_table.labels)
+    init_class_bias(model, train_table.labels)
     model.image_size = config.image_size
     msg = (f"{len(train_ids)} training / {len(val_ids)} validation images; {config.variant} on "
            f"{config.backbone} ({model.backbone.weights_source} init), {config.image_size}px, device {device}")

@@ -1,0 +1,203 @@
+"""Benchmark the image-level model: the paper's ablation (cnn, cnn+cpm, cpgcn) plus ML-GCN.
+
+Every variant is trained on the same synthetic heterogeneous data set (``napari_cpgcn.synth``)
+under the same small CPU budget (same backbone, image size, epochs, batch size, seeds) and
+evaluated on a separate synthetic test set. Prints one table: image-level test mAP per variant
+(mean ± sd over seeds), seconds per training epoch, inference images/s, peak RSS of the
+training process. Also times one training step of ResNet50 CP-GCN at 512², batch 8.
+
+Each (variant, seed) runs in its own subprocess so that its peak memory is its own.
+
+Usage::
+
+    nice python benchmarks/bench_image_model.py                      # the documented run
+    nice python benchmarks/bench_image_model.py --n-train 64 --epochs 2 --seeds 0   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = ("cnn", "cnn+cpm", "cpgcn", "mlgcn")
+
+
+def make_data(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    from napari_cpgcn.synth import generate_dataset
+
+    sets = {}
+    for name, n, seed in (("train", args.n_train, 1000), ("test", args.n_test, 2000)):
+        d = work / f"{name}_n{n}_s{args.size}_c{args.cell_scale}_h{args.heterogeneity}_seed{seed}"
+        if not (d / "train.csv").is_file():
+            t0 = time.perf_counter()
+            generate_dataset(d, n, size=args.size, seed=seed, heterogeneity=args.heterogeneity,
+                             cell_scale=args.cell_scale)
+            print(f"# generated {name} set: {n} images of {args.size}² in {time.perf_counter() - t0:.0f} s",
+                  flush=True)
+        sets[name] = d
+    return sets["train"], sets["test"]
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Train one variant with one seed, evaluate on the test set, print a JSON line."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from napari_cpgcn.evaluation.image import mean_average_precision, per_class_ap
+    from napari_cpgcn.io.tables import read_labels_csv
+    from napari_cpgcn.training.config import ImageModelConfig
+    from napari_cpgcn.training.datasets import ImageIndex
+    from napari_cpgcn.training.events import EventKind
+    from napari_cpgcn.training.image_trainer import train_image_model
+    from napari_cpgcn.training.inference import load_image_model, predict_images
+
+    train_dir, test_dir = Path(args.train_dir), Path(args.test_dir)
+    run = Path(args.work) / "runs" / f"{args.variant.replace('+', '_')}_seed{args.seed}"
+    cfg = ImageModelConfig(
+        backbone=args.backbone, variant=args.variant, image_size=args.image_size, batch_size=args.batch_size,
+        epochs=args.epochs, lr=args.lr, seed=args.seed, device="cpu", imagenet_weights=None,
+        val_fraction=0.0, gcn_hidden=args.gcn_hidden, oaa=False, lr_schedule=args.lr_schedule,
+        cache_dir=str(Path(args.work) / "cache" / f"{train_dir.name}_{args.image_size}"),
+    )
+    secs = []
+    for ev in train_image_model(train_dir, train_dir / "train.csv", run, cfg, resume=False):
+        if ev.kind == EventKind.EPOCH_END:
+            secs.append(ev.metrics["seconds"])
+    model, _ = load_image_model(run / "latest.pt", "cpu")
+    table = read_labels_csv(test_dir / "train.csv")
+    index = ImageIndex(test_dir)
+    images = [index.read(i) for i in table.ids]
+    t0 = time.perf_counter()
+    probs, _ = predict_images(model, images, batch_size=args.batch_size, cam_size=None)
+    infer = len(images) / (time.perf_counter() - t0)
+    ap = per_class_ap(table.labels, probs)
+    out = {
+        "variant": args.variant, "seed": args.seed,
+        "mAP": mean_average_precision(table.labels, probs),
+        "ap": [None if not np.isfinite(a) else float(a) for a in ap],
+        "s_per_epoch": statistics.mean(secs[1:] if len(secs) > 1 else secs),
+        "infer_img_s": infer,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def resnet50_step(threads: int, repeats: int = 2) -> dict:
+    """Seconds per training step of resnet50 CP-GCN at 512², batch 8 (random data, CPU)."""
+    import numpy as np
+    import torch
+
+    from napari_cpgcn.models import build_image_model
+    from napari_cpgcn.training.config import ImageModelConfig
+    from napari_cpgcn.training.losses import focal_loss
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = ImageModelConfig(backbone="resnet50", variant="cpgcn", imagenet_weights=None)
+    model = build_image_model(cfg, label_matrix=np.eye(19)).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand(8, 4, 512, 512)
+    y = (torch.rand(8, 19) < 0.2).float()
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        logits, _ = model(x)
+        focal_loss(logits, y).backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return {"s_per_step": statistics.mean(times[1:]), "threads": threads,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/napari-cpgcn-bench-image", help="data, cache and runs folder")
+    ap.add_argument("--n-train", type=int, default=192)
+    ap.add_argument("--n-test", type=int, default=160)
+    ap.add_argument("--size", type=int, default=256, help="synthetic image side")
+    ap.add_argument("--heterogeneity", type=float, default=0.7)
+    ap.add_argument("--cell-scale", type=float, default=None,
+                    help="synthetic cell size factor (default: size/512, real cell size per field)")
+    ap.add_argument("--image-size", type=int, default=128, help="network input side")
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr-schedule", default="constant")
+    ap.add_argument("--gcn-hidden", type=int, default=256)
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per training process")
+    ap.add_argument("--skip-resnet50", action="store_true")
+    ap.add_argument("--resnet50-only", action="store_true")
+    # internal: one (variant, seed) in a subprocess
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--train-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--test-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    if not args.resnet50_only:
+        train_dir, test_dir = make_data(work, args)
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        variants = [v for v in args.variants.split(",") if v]
+        results: dict[str, list[dict]] = {v: [] for v in variants}
+        for seed in seeds:
+            for v in variants:
+                cmd = [sys.executable, __file__, "--worker", "--variant", v, "--seed", str(seed),
+                       "--train-dir", str(train_dir), "--test-dir", str(test_dir)]
+                for k in ("work", "image_size", "backbone", "epochs", "batch_size", "lr", "lr_schedule",
+                          "gcn_hidden", "threads"):
+                    cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if proc.returncode or line is None:
+                    print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+                    raise SystemExit(f"worker {v} seed {seed} failed")
+                r = json.loads(line[7:])
+                results[v].append(r)
+                print(f"# {v:8s} seed {seed}: test mAP {r['mAP']:.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print()
+        print(f"Image-level ablation: {args.backbone} from scratch, {args.image_size}² input, "
+              f"{args.epochs} epochs, batch {args.batch_size}, Adam {args.lr}, focal loss; "
+              f"train {args.n_train} / test {args.n_test} synthetic images ({args.size}², heterogeneity "
+              f"{args.heterogeneity}); seeds {args.seeds}; {args.threads} torch thread(s)")
+        print()
+        print("| variant | test mAP (mean ± sd) | per seed | s/epoch | inference img/s | peak RSS MB |")
+        print("|---|---|---|---|---|---|")
+        for v in variants:
+            rs = results[v]
+            maps = [r["mAP"] for r in rs]
+            sd = statistics.stdev(maps) if len(maps) > 1 else 0.0
+            print(f"| {v} | {statistics.mean(maps):.4f} ± {sd:.4f} | {' / '.join(f'{m:.4f}' for m in maps)} | "
+                  f"{statistics.mean(r['s_per_epoch'] for r in rs):.1f} | "
+                  f"{statistics.mean(r['infer_img_s'] for r in rs):.1f} | "
+                  f"{max(r['peak_rss_mb'] for r in rs):.0f} |")
+        (work / "results.json").write_text(json.dumps(results, indent=1))
+    if not args.skip_resnet50:
+        r50 = resnet50_step(threads=max(1, min(2, os.cpu_count() or 1)))
+        print()
+        print(f"ResNet50 CP-GCN training step at 512², batch 8 (CPU, {r50['threads']} threads): "
+              f"{r50['s_per_step']:.1f} s/step, peak RSS {r50['peak_rss_mb']:.0f} MB")
+    print(f"\n# total {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
