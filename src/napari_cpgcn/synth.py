@@ -453,7 +453,7 @@ class _Ctx:
                 ct, st = np.cos(L.theta[i]), np.sin(L.theta[i])
                 ys += list(L.cy[i] + uu * st + vv * ct)
                 xs += list(L.cx[i] + uu * ct - vv * st)
-                rs += list(rng.uniform(0.12, 0.24, k) * L.b[i] + 1.0 * self.s)
+                rs += list(rng.uniform(0.15, 0.28, k) * L.b[i] + 1.0 * self.s)
             return np.array(ys), np.array(xs), np.array(rs), np.ones(len(ys))
         return self.cached("nucleoli", make)
 
@@ -637,8 +637,8 @@ def _nuclear_points(C: _Ctx, name: str, k_range: tuple[int, int], rmax: float) -
 
 def _p_nuclear_bodies(C: _Ctx) -> np.ndarray:
     L, rng = C.L, C.rng("nb")
-    ys, xs = _nuclear_points(C, "nb_pts", (2, 8), 0.8)
-    dots = _render_dots(C.shape, ys, xs, rng.uniform(0.6, 1.0, len(ys)), 1.1 * C.s + 0.3)
+    ys, xs = _nuclear_points(C, "nb_pts", (3, 10), 0.85)
+    dots = _render_dots(C.shape, ys, xs, rng.uniform(0.6, 1.0, len(ys)), 0.9 * C.s + 0.3)
     # Bodies in nucleoli are hidden (nuclear bodies sit in the nucleoplasm).
     return np.minimum(dots * 2.2, 2.2) * L.nuc * (1 - C.nucleoli_map()) + 0.05 * L.nuc
 
