@@ -415,3 +415,31 @@ def test_torchrun_two_processes_train_image(tiny_labelled, tmp_path):
     proc = _torchrun(tmp_path, 2, [*argv[:argv.index("--epochs")], "--epochs", "2", *argv[argv.index("--epochs") + 2:]])
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert len(pd.read_csv(run / "history.csv")) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_whole_pipeline_console_script(tiny_labelled, tmp_path):
+    """``torchrun --no-python napari-cpgcn train``: every stage, rank-0 records, resumable, predictable."""
+    import json
+
+    exe = Path(sys.executable).with_name("napari-cpgcn")
+    if not exe.is_file():
+        pytest.skip("the napari-cpgcn console script is not installed next to this python")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
+           str(exe), "train", str(tiny_labelled), "--labels", str(tiny_labelled / "train.csv"), "--out", str(run),
+           "--preset", "tiny", "--epochs", "1", "--image-size", "64", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    stages = json.loads((run / "stages.json").read_text())["finished"]
+    assert list(stages) == ["image_model", "refine", "segmentation", "pseudolabels", "cell_model"]
+    assert len(list((run / "segmentation").glob("*.tif"))) == 10  # both ranks' slices
+    log_text = (run / "train.log").read_text()
+    assert "rank 0 of 2" in log_text and "rank 1 of 2" not in log_text
+    # a rerun under torchrun skips every finished stage
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert proc.stderr.count("finished earlier") >= 5
+    assert main(["predict", str(tiny_labelled), "--model", str(run), "--out", str(tmp_path / "pred"), "-q",
+                 "--device", "cpu"]) == EXIT_OK

@@ -495,6 +495,13 @@ def train_pipeline(
                     missing[0])
         table = table.subset([i for i in table.ids if i in present])
 
+    from napari_cpgcn.training import ddp
+    from napari_cpgcn.training.engine import resolve_device
+
+    # Under torchrun (no-ops otherwise): start the process group now, so that the ranks can meet
+    # between stages; training stages run data-parallel, rank 0 alone writes the stage records.
+    ddp.init_distributed(resolve_device(config.image.device))
+    main_process = ddp.is_main_process()
     keys = _stage_keys(config)
     done = _read_stages(run)
     wanted = stages or STAGES
@@ -513,7 +520,9 @@ def train_pipeline(
             continue
         yield Event(EventKind.STAGE_START, stage=stage, message=f"stage {i + 1}/{len(STAGES)}: {stage}")
         t0 = time.perf_counter()
-        _prepare_stage(run, stage, keys[stage])
+        if main_process:
+            _prepare_stage(run, stage, keys[stage])
+        ddp.barrier()
         if stage == "image_model":
             from napari_cpgcn.training.image_trainer import train_image_model
 
@@ -531,10 +540,10 @@ def train_pipeline(
             write_labels_csv(csv_path, table)
             events = train_subcategory(data_dir, csv_path, run / "refine", run / "image_model" / "best.pt",
                                        config.refine, should_stop, cache_dir=cache)
-        elif stage == "segmentation":
-            events = _stage_segmentation(data_dir, table.ids, run, config, should_stop)
-        elif stage == "pseudolabels":
-            events = _stage_pseudolabels(data_dir, table, run, config, should_stop)
+        elif stage == "segmentation":  # under torchrun each rank segments its slice of the images
+            events = _stage_segmentation(data_dir, ddp.shard_ids(table.ids), run, config, should_stop)
+        elif stage == "pseudolabels":  # one table: rank 0 writes it, the other ranks wait below
+            events = _stage_pseudolabels(data_dir, table, run, config, should_stop) if main_process else iter(())
         else:
             events = _stage_cell_model(data_dir, table, run, config, should_stop)
         for ev in events:
@@ -547,7 +556,10 @@ def train_pipeline(
             yield ev
             if ev.kind == EventKind.STOPPED:
                 return
-        _mark_finished(run, stage, keys[stage], time.perf_counter() - t0)
+        ddp.barrier()
+        if main_process:
+            _mark_finished(run, stage, keys[stage], time.perf_counter() - t0)
+        ddp.barrier()
         yield Event(EventKind.STAGE_END, stage=stage, message=f"{stage} finished in {time.perf_counter() - t0:.1f} s")
         done = _read_stages(run)
     yield Event(EventKind.DONE, stage="pipeline", message=f"pipeline trained in {run}", result=run)

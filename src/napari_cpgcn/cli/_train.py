@@ -197,7 +197,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"labels CSV {labels} does not exist")
     config = build_config(args)
     out.mkdir(parents=True, exist_ok=True)
-    setup_logging(args, logfile=str(out / "train.log"))
+    from napari_cpgcn.training.ddp import is_main_process
+
+    main_process = is_main_process()  # under torchrun only rank 0 logs and shows progress
+    if not main_process:
+        args.quiet = True
+    setup_logging(args, logfile=str(out / "train.log") if main_process else None)
 
     from napari_cpgcn.pipeline import train_pipeline
     from napari_cpgcn.training.engine import CheckpointError

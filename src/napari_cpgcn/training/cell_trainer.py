@@ -239,6 +239,13 @@ def train_cell_model(
         raise ValueError("no cells to train the cell model on: the segmentation found no cells in the "
                          "training images (check the segmentation stage's masks)")
 
+    from napari_cpgcn.training import ddp
+    from napari_cpgcn.training.engine import resolve_device
+
+    # Under torchrun rank 0 builds the crop cache and the other ranks then open it (no-op otherwise).
+    ddp.init_distributed(resolve_device(config.device))
+    if not ddp.is_main_process():
+        ddp.barrier()
     cache = None
     for ev in build_crop_cache(images_dir, masks_dir, cells, run_dir / "crops", size=config.crop_size,
                                zero_background=config.zero_background, pad=config.crop_pad,
@@ -249,6 +256,8 @@ def train_cell_model(
         yield ev
         if ev.kind == EventKind.STOPPED:
             return
+    if ddp.is_main_process():
+        ddp.barrier()
     assert cache is not None
 
     train_rows, val_rows = split_by_image(cells["image_id"].to_numpy(), config.val_fraction, config.seed)

@@ -23,7 +23,10 @@ What happens (everything keyed on torchrun's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL
   mAP are those of the whole validation set, the same on every rank.
 * :func:`all_reduce_sum` sums the training loss over the ranks.
 * Only rank 0 writes checkpoints, ``history.csv``, logs and progress bars
-  (:func:`is_main_process`). OAA maps are written by the rank that saw the image (disjoint
+  (:func:`is_main_process`). In ``napari-cpgcn train`` the segmentation stage is split over the
+  ranks (:func:`shard_ids`), the pseudo-label stage runs on rank 0 while the others wait, and
+  ranks meet at a :func:`barrier` between stages (timeout ``NAPARI_CPGCN_DDP_TIMEOUT_MIN``,
+  default 180 minutes). OAA maps are written by the rank that saw the image (disjoint
   files; an image padded onto two ranks in one epoch may lose one of its two updates).
 
 Without torchrun (``WORLD_SIZE`` unset or 1) every function is a no-op, so the serial path
@@ -35,8 +38,9 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -54,6 +58,7 @@ __all__ = [
     "shard_loader",
     "shard_eval_loader",
     "set_epoch",
+    "shard_ids",
     "all_reduce_sum",
     "gather_eval",
     "sync_buffers",
@@ -135,7 +140,9 @@ def init_distributed(device: torch.device) -> torch.device:
         raise RuntimeError("torchrun training on Apple MPS is not supported; use --device cpu")
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://")
+        # Long: ranks may wait at a barrier while rank 0 alone does a non-parallel pipeline stage.
+        minutes = float(os.environ.get("NAPARI_CPGCN_DDP_TIMEOUT_MIN", "180"))
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(minutes=minutes))
         atexit.register(cleanup)
         log.info("process group: rank %d of %d (local rank %d), backend %s, device %s",
                  env.rank, env.world_size, env.local_rank, backend, device)
@@ -159,7 +166,7 @@ def wrap_model(model: nn.Module, device: torch.device, batch_size: int | None = 
     if device.type == "cuda" and _has_batchnorm(model) and (batch_size or 0) <= SYNC_BN_MAX_BATCH:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         log.info("BatchNorm synchronised across ranks (per-process batch %s)", batch_size)
-    kwargs: dict[str, Any] = {"static_graph": True, "broadcast_buffers": True}
+    kwargs: dict[str, Any] = {"static_graph": True}
     if device.type == "cuda":
         kwargs["device_ids"] = [device.index]
         kwargs["output_device"] = device.index
@@ -238,6 +245,14 @@ def shard_eval_loader(loader):
         raise TypeError("distributed validation needs a torch DataLoader with a batch_size")
     d = _dist()
     return _rebuild(loader, _ShardSampler(len(loader.dataset), d.get_rank(), d.get_world_size()), False)
+
+
+def shard_ids(ids: Sequence[str]) -> list[str]:
+    """This rank's slice ``ids[rank::WORLD_SIZE]`` of a list of image ids (all of them without torchrun)."""
+    d = _dist()
+    if d is None or d.get_world_size() == 1:
+        return list(ids)
+    return list(ids)[d.get_rank()::d.get_world_size()]
 
 
 def set_epoch(loader, epoch: int) -> None:
