@@ -169,7 +169,7 @@ def test_rgb_composite_refused(tmp_path):
 
 def test_three_channel_tiff_refused(tmp_path):
     p = tmp_path / "rgb.tif"
-    tifffile.imwrite(p, np.zeros((3, 16, 16), np.uint8))
+    tifffile.imwrite(p, np.zeros((3, 16, 16), np.uint8), photometric="minisblack")
     with pytest.raises(HPAImageError, match=r"rgb.tif: 3 channels.*RGB composite"):
         read_image(p)
 
