@@ -229,7 +229,7 @@ def _gpu_directives(kind: str, gpus: int) -> list[str]:
         return [f"--gres=gpu:{gpus}"]
     if kind == "lsf":
         return [f'-gpu "num={gpus}"']
-    return [f"-l ngpus={gpus}"]  # PBS Pro; Torque sites use nodes=1:ppn=C:gpus=G via job_extra_directives
+    return []  # PBS: GPUs go into the select statement (see jobqueue_kwargs)
 
 
 def _jobqueue_class(kind: str):
@@ -258,6 +258,10 @@ def jobqueue_kwargs(kind: str, config: dict[str, Any]) -> tuple[dict[str, Any], 
     cfg["processes"] = processes
     torch_threads = int(cfg.pop("torch_threads", 0) or 0) or max(1, int(cfg["cores"]) // processes)
     cfg["job_extra_directives"] = list(cfg.get("job_extra_directives", [])) + _gpu_directives(kind, gpus)
+    if kind == "pbs" and gpus and "resource_spec" not in cfg:
+        # PBS Pro asks for GPUs in the chunk: select=1:ncpus=C:ngpus=G:mem=M (Torque sites give
+        # their own resource_spec, e.g. nodes=1:ppn=8:gpus=1)
+        cfg["resource_spec"] = f"select=1:ncpus={int(cfg['cores'])}:ngpus={gpus}:mem={cfg['memory']}"
     cfg["worker_extra_args"] = list(cfg.get("worker_extra_args", [])) + ["--resources", "cpgcn_predict=1"]
     threads_env = [f"export {v}={torch_threads}" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                                            "OPENBLAS_NUM_THREADS")]
@@ -367,6 +371,22 @@ class ClusterInfo:
     torch_threads: int = 0      # per worker (0: left to the cluster)
     resources: dict[str, float] = field(default_factory=dict)  # per-task worker resources
     job_script: str = ""
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB on Linux
+
+
+def _worker_peak_rss(client) -> dict[str, float]:
+    """Peak resident memory (MB) of each worker process (how much memory a job must ask for)."""
+    try:
+        return {str(k): float(v) for k, v in sorted(client.run(_peak_rss_mb).items())}
+    except Exception:  # noqa: BLE001 - purely informative (resource is POSIX-only)
+        return {}
 
 
 def _dashboard_link(client) -> str:
@@ -588,6 +608,12 @@ def predict_folder_distributed(
                                       should_stop, finish)
             except _Stopped:
                 stopped = True
+            rss = _worker_peak_rss(cli)
+            if rss:
+                msg = "peak RSS per worker: " + ", ".join(f"{v:.0f} MB" for v in rss.values())
+                log.info("%s", msg)
+                yield Event(EventKind.LOG, stage="predict", message=msg,
+                            metrics={f"peak_rss_mb:{k}": v for k, v in rss.items()})
 
     summary.seconds = time.perf_counter() - t_start
     summary.seconds_by_stage = {k: v / summary.n_done for k, v in stage_sums.items()} if summary.n_done else {}
