@@ -121,12 +121,12 @@ def resnet50_step(threads: int, repeats: int = 2) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/napari-cpgcn-bench-image", help="data, cache and runs folder")
-    ap.add_argument("--n-train", type=int, default=192)
+    ap.add_argument("--n-train", type=int, default=160)
     ap.add_argument("--n-test", type=int, default=160)
-    ap.add_argument("--size", type=int, default=256, help="synthetic image side")
+    ap.add_argument("--size", type=int, default=128, help="synthetic image side")
     ap.add_argument("--heterogeneity", type=float, default=0.7)
-    ap.add_argument("--cell-scale", type=float, default=None,
-                    help="synthetic cell size factor (default: size/512, real cell size per field)")
+    ap.add_argument("--cell-scale", type=float, default=0.5,
+                    help="synthetic cell size factor (0.5: cells as in a 256² view of a Kaggle field)")
     ap.add_argument("--image-size", type=int, default=128, help="network input side")
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--epochs", type=int, default=8)

@@ -71,4 +71,5 @@ def build_image_model(config, label_matrix: np.ndarray | None = None, *, weights
         gcn_hidden=config.gcn_hidden,
         gcn_activation=config.gcn_activation,
         gcn_normalize=getattr(config, "gcn_normalize", True),
+        gcn_lr_scale=getattr(config, "gcn_lr_scale", 1.0),
     )

@@ -62,6 +62,8 @@ class CPGCN(nn.Module):
         raw GCN output. The raw bilinear score ⟨t_c, l_c⟩ under Adam moves the logits by tens per
         step early in training (every GCN weight moves by ~lr at once); the normalised form keeps
         the paper's score up to a shared magnitude and trains stably.
+    gcn_lr_scale
+        Learning-rate factor of the label-GCN weights (see :meth:`param_groups`).
     """
 
     def __init__(
@@ -75,12 +77,14 @@ class CPGCN(nn.Module):
         gcn_hidden: int = 1024,
         gcn_activation: str = "leaky_relu",
         gcn_normalize: bool = True,
+        gcn_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown model variant {variant!r}; choose one of {', '.join(VARIANTS)}")
         self.variant = variant
         self.n_classes = n_classes
+        self.gcn_lr_scale = float(gcn_lr_scale)
         self.backbone = backbone
         d = backbone.out_channels
         self.cpm: ClassPerceptionModule | None = None
@@ -115,6 +119,20 @@ class CPGCN(nn.Module):
         if self.gcn_normalize:
             w = F.normalize(w, dim=1) * self.gcn_log_scale.exp()
         return w
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Adam groups: the label-GCN weights at ``lr * gcn_lr_scale``, the rest at ``lr``.
+
+        Every GCN weight feeds every class vector l_c, so one Adam step (each weight moves by
+        about ``lr``) turns the class vectors by tens of percent at lr 1e-3 while a linear
+        classifier's rows move by about 2 %; the smaller rate puts both on the same footing.
+        """
+        gcn = [p for n, p in self.named_parameters() if n.startswith("gcn.") and p.requires_grad]
+        rest = [p for n, p in self.named_parameters() if not n.startswith("gcn.") and p.requires_grad]
+        groups = [{"params": rest, "lr": lr}]
+        if gcn:
+            groups.append({"params": gcn, "lr": lr * self.gcn_lr_scale})
+        return groups
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 4, Y, X) in [0, 1] → feature map (B, D, h, w)."""

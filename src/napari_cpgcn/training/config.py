@@ -156,6 +156,8 @@ class ImageModelConfig(TrainConfig):
         Label graph threshold, GCN hidden width and activation (``"leaky_relu"`` or ``"relu"``).
     gcn_normalize
         Unit-normalise the GCN classifiers l_c (times one learned scale) for stable training.
+    gcn_lr_scale
+        Learning-rate factor of the label-GCN weights (their Adam steps move every l_c at once).
     oaa, oaa_threshold, oaa_size
         Online attention accumulation on/off, the probability a positive class needs for its map
         to be accumulated, and the side of the stored maps.
@@ -180,6 +182,7 @@ class ImageModelConfig(TrainConfig):
     gcn_hidden: int = 1024
     gcn_activation: str = "leaky_relu"
     gcn_normalize: bool = True
+    gcn_lr_scale: float = 0.01
     oaa: bool = True
     oaa_threshold: float = 0.5
     oaa_size: int = 32
@@ -206,6 +209,8 @@ class ImageModelConfig(TrainConfig):
             raise ConfigError(f"cpm_norm must be 'softmax' or 'sigmoid', got {self.cpm_norm!r}")
         if self.gcn_activation not in ("leaky_relu", "relu"):
             raise ConfigError(f"gcn_activation must be 'leaky_relu' or 'relu', got {self.gcn_activation!r}")
+        if not self.gcn_lr_scale > 0:
+            raise ConfigError(f"gcn_lr_scale must be > 0, got {self.gcn_lr_scale}")
         if not 0.0 <= self.tau < 1.0:
             raise ConfigError(f"tau must be in [0, 1), got {self.tau}")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:

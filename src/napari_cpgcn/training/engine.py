@@ -379,7 +379,8 @@ def fit(
     Parameters
     ----------
     model
-        Any module; by default called as ``model(batch["image"])``.
+        Any module; by default called as ``model(batch["image"])``. If it has a method
+        ``param_groups(lr)`` returning Adam parameter groups, those are used (per-group lr).
     train_loader, val_loader
         Iterables of dict batches with ``"image"`` and ``"target"`` (``val_loader`` may be None:
         then ``best.pt`` follows the lowest training loss).
@@ -437,7 +438,9 @@ def fit(
     seed_everything(seed)
     model.to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=float(config.lr), weight_decay=float(getattr(config, "weight_decay", 0.0)))
+    # A model may ask for per-group learning rates (``param_groups(lr) -> [{"params", "lr"}]``).
+    groups = model.param_groups(float(config.lr)) if callable(getattr(model, "param_groups", None)) else params
+    optimizer = torch.optim.Adam(groups, lr=float(config.lr), weight_decay=float(getattr(config, "weight_decay", 0.0)))
     schedule = getattr(config, "lr_schedule", "constant")
 
     def lr_factor(e: int) -> float:
