@@ -43,6 +43,11 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 # ------------------------------------------------------------------------------ child processes
 
 def child_predict(args: argparse.Namespace) -> None:
@@ -53,6 +58,7 @@ def child_predict(args: argparse.Namespace) -> None:
     opts = BatchOptions(device="cpu")
     t = time.perf_counter()
     worker_rss: list[float] = []
+    worker_cpu: list[float] = []
     item_times: list[float] = []
     if args.mode == "serial":
         import torch
@@ -69,11 +75,13 @@ def child_predict(args: argparse.Namespace) -> None:
             item_times.append(time.perf_counter() - t)
         elif ev.kind == EventKind.LOG and any(k.startswith("peak_rss_mb:") for k in ev.metrics):
             worker_rss = [v for k, v in ev.metrics.items() if k.startswith("peak_rss_mb:")]
+            worker_cpu = [v for k, v in ev.metrics.items() if k.startswith("cpu_s:")]
         elif ev.kind == EventKind.DONE:
             summary = ev.result
     wall = time.perf_counter() - t
     print(json.dumps({"mode": args.mode, "threads": args.threads, "wall": wall, "n_done": summary.n_done,
                       "n_failed": summary.n_failed, "rss": _peak_rss_mb(), "worker_rss": worker_rss,
+                      "cpu": _cpu_s() + sum(worker_cpu), "load": os.getloadavg()[0],
                       "first_item": item_times[0] if item_times else wall,
                       "last_item": item_times[-1] if item_times else wall}), flush=True)
 
@@ -138,8 +146,9 @@ def bench_predict(args: argparse.Namespace) -> list[dict]:
     print(f"## predict: {args.n_images} synthetic {args.size}² images, resnet18 pipeline, CPU ({args.cores} cores)")
     print()
     print("| run | torch threads / process | wall (s) | images/s | speedup vs serial | images/s after the 1st image "
-          "| peak RSS per process (MB) | outputs vs serial (same threads per process) |")
-    print("|---|---:|---:|---:|---:|---:|---|---|")
+          "| CPU s / image (all processes) | load avg at end | peak RSS per process (MB) "
+          "| outputs vs serial (same threads per process) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for r in rows:
         ips = r["n_done"] / r["wall"]
         steady = (r["n_done"] - 1) / max(1e-9, r["last_item"] - r["first_item"]) if r["n_done"] > 1 else ips
@@ -151,7 +160,7 @@ def bench_predict(args: argparse.Namespace) -> list[dict]:
         if r["mode"] == "serial" and r["threads"] != serial["threads"]:
             same = f"vs {serial['threads']}-thread serial: {_compare_outputs(serial['out'], r['out'])}"
         print(f"| {r['mode']} | {per_worker} | {r['wall']:.1f} | {ips:.3f} | {serial['wall'] / r['wall']:.2f}x "
-              f"| {steady:.3f} | {rss} | {same} |")
+              f"| {steady:.3f} | {r['cpu'] / max(1, r['n_done']):.2f} | {r['load']:.1f} | {rss} | {same} |")
     overhead = rows[1]["wall"] / serial["wall"] - 1
     print()
     print(f"Dask overhead (local:1 vs serial): {overhead * 100:+.1f} % (target < 10 %); "

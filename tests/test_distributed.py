@@ -266,6 +266,23 @@ def test_poison_image_ends_in_failures_with_bounded_tries(folder, tmp_path, kill
     assert sorted(pd.read_csv(out / "images.csv").image_id) == [f"img{i:02d}" for i in range(6) if i != 3]
 
 
+def test_existing_scheduler_by_address(folder, tmp_path):
+    """``tcp://HOST:PORT``: connect to a running scheduler (here an in-process one with thread workers)."""
+    from distributed import LocalCluster
+
+    serial = tmp_path / "serial"
+    run_predict_folder(folder, ThresholdPredictor(), serial, BatchOptions())
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp://",
+                      dashboard_address=None) as cl:
+        out = tmp_path / "out"
+        events = list(predict_folder_distributed(folder, ThresholdPredictor(), out, BatchOptions(),
+                                                 cluster=cl.scheduler_address))
+        assert f"Dask cluster {cl.scheduler_address}: 2 workers" in events[1].message
+        assert events[-1].result.n_done == 6
+        assert len(cl.scheduler.workers) == 2  # the cluster is not ours: it is left running
+    assert _outputs(out) == _outputs(serial)
+
+
 def _fake_slurm(tmp_path: Path) -> Path:
     """``sbatch`` / ``squeue`` / ``scancel`` that run the job script on this machine (a one-node SLURM)."""
     bin_dir = tmp_path / "fake-slurm"

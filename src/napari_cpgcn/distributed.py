@@ -373,18 +373,20 @@ class ClusterInfo:
     job_script: str = ""
 
 
-def _peak_rss_mb() -> float:
+def _process_usage() -> tuple[float, float]:
+    """Peak resident memory (MB) and CPU seconds (user + system) of this process."""
     import resource
     import sys
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB on Linux
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    peak = ru.ru_maxrss / (1024 * 1024) if sys.platform == "darwin" else ru.ru_maxrss / 1024  # B / kB
+    return float(peak), float(ru.ru_utime + ru.ru_stime)
 
 
-def _worker_peak_rss(client) -> dict[str, float]:
-    """Peak resident memory (MB) of each worker process (how much memory a job must ask for)."""
+def _worker_usage(client) -> dict[str, tuple[float, float]]:
+    """Peak RSS (MB) and CPU seconds of each worker process (what a job must ask for)."""
     try:
-        return {str(k): float(v) for k, v in sorted(client.run(_peak_rss_mb).items())}
+        return {str(k): (float(v[0]), float(v[1])) for k, v in sorted(client.run(_process_usage).items())}
     except Exception:  # noqa: BLE001 - purely informative (resource is POSIX-only)
         return {}
 
@@ -608,12 +610,13 @@ def predict_folder_distributed(
                                       should_stop, finish)
             except _Stopped:
                 stopped = True
-            rss = _worker_peak_rss(cli)
-            if rss:
-                msg = "peak RSS per worker: " + ", ".join(f"{v:.0f} MB" for v in rss.values())
+            usage = _worker_usage(cli)
+            if usage:
+                msg = "peak RSS per worker: " + ", ".join(f"{v[0]:.0f} MB" for v in usage.values())
                 log.info("%s", msg)
                 yield Event(EventKind.LOG, stage="predict", message=msg,
-                            metrics={f"peak_rss_mb:{k}": v for k, v in rss.items()})
+                            metrics={**{f"peak_rss_mb:{k}": v[0] for k, v in usage.items()},
+                                     **{f"cpu_s:{k}": v[1] for k, v in usage.items()}})
 
     summary.seconds = time.perf_counter() - t_start
     summary.seconds_by_stage = {k: v / summary.n_done for k, v in stage_sums.items()} if summary.n_done else {}
