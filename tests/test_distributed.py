@@ -279,7 +279,8 @@ def test_existing_scheduler_by_address(folder, tmp_path):
                                                  cluster=cl.scheduler_address))
         assert f"Dask cluster {cl.scheduler_address}: 2 workers" in events[1].message
         assert events[-1].result.n_done == 6
-        assert len(cl.scheduler.workers) == 2  # the cluster is not ours: it is left running
+        assert len(cl.scheduler.workers) == 2  # the cluster is not ours: it is left running...
+        assert not [n for n in cl.scheduler.worker_plugins if "napari-cpgcn" in n]  # ...without our predictor
     assert _outputs(out) == _outputs(serial)
 
 

@@ -602,14 +602,20 @@ def predict_folder_distributed(
             if not is_path:
                 key = f"predictor-{uuid.uuid4().hex[:12]}"
                 task_model = WorkerModel(key)
-            cli.register_plugin(_WorkerSetup(torch_threads=info.torch_threads if info.spec != "client" else 0,
-                                           key=key, predictor=None if is_path else model),
-                                name=f"napari-cpgcn-setup-{key or 'path'}")
+            plugin = _WorkerSetup(torch_threads=info.torch_threads if info.spec != "client" else 0,
+                                  key=key, predictor=None if is_path else model)
+            plugin_name = f"napari-cpgcn-setup-{key or 'path'}"
+            if plugin.torch_threads or plugin.predictor is not None:
+                cli.register_plugin(plugin, name=plugin_name)
             try:
                 yield from _run_tasks(cli, info, todo, input_dir, task_model, out, task_options, max_tries,
                                       should_stop, finish)
             except _Stopped:
                 stopped = True
+            finally:
+                if plugin.predictor is not None:  # a cluster that outlives this run must not keep it
+                    with contextlib.suppress(Exception):
+                        cli.unregister_worker_plugin(plugin_name)
             usage = _worker_usage(cli)
             if usage:
                 msg = "peak RSS per worker: " + ", ".join(f"{v[0]:.0f} MB" for v in usage.values())
