@@ -198,8 +198,11 @@ def test_crash_then_resume_equals_uninterrupted_run(folder, tmp_path, monkeypatc
     assert not (out / "cells.csv").exists()  # never a partial run-level CSV
     assert _no_temp_files(out)
 
+    # what a SIGKILL mid-write leaves: a temporary file, never a file under its real name
+    (out / "masks" / ".img06.tif.k1ll3d.tmp").write_bytes(b"half a tiff")
     pred = ThresholdPredictor()
     summary = run_predict_folder(folder, pred, out, BatchOptions(submission=True))
+    assert _no_temp_files(out)
     assert summary.n_skipped == crash_after and summary.n_done == 7 - crash_after
     assert pred.calls == 7 - crash_after
     names = RUN_FILES + ("submission.csv",)

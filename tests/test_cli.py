@@ -218,3 +218,35 @@ def test_corrupt_image_partial_exit_code(synth_data, trained_run, tmp_path):
     done = pd.read_csv(out / "images.csv")
     assert sorted(done.image_id) == [i for i in ids if i != bad]
     assert bad in (out / "predict.log").read_text()
+
+
+def test_every_image_failing_is_a_failure(trained_run, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for color in ("red", "green", "blue", "yellow"):
+        (images / f"broken_{color}.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    assert _predict(images, trained_run, out) == 1
+    assert list(pd.read_csv(out / "failures.csv").image_id) == ["broken"]
+    assert pd.read_csv(out / "cells.csv").empty
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, capsys):
+    pytest.importorskip("napari_cpgcn.pipeline")
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--n-train", "6", "--n-test", "2", "--size", "96", "--epochs", "1",
+            "--threads", "1", "-q"]
+    assert main(args) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "image-level mAP" in printed and "cell-level mAP" in printed
+    scores = json.loads((out / "demo.json").read_text())
+    for key in ("image_map", "cell_map", "cell_map_cell_model_only", "cell_map_image_model_only"):
+        assert 0.0 <= scores[key] <= 1.0, key
+    cells = pd.read_csv(out / "predictions" / "cells.csv")
+    assert len(cells) == scores["n_predicted_cells"] > 0
+    assert cells.image_id.nunique() == 2
+    assert (out / "run" / "cell_model").is_dir()
+    # a rerun reuses the data, the trained stages and the predictions
+    assert main(args) == EXIT_OK
+    assert json.loads((out / "demo.json").read_text())["cell_map"] == scores["cell_map"]

@@ -337,12 +337,15 @@ def model_fingerprint(model: str | Path | Any) -> str:
         model = run_dir
     run = resolve_model_path(model)
     h = hashlib.sha1(str(run).encode())
-    # Weights and the run's config only: files a predictor might write (caches, logs) must not
-    # change the fingerprint, or resuming would be refused.
+    # Weights (size + mtime) and the run's config (content: resuming a training rewrites it
+    # unchanged) only: files a predictor might write (caches, logs) must not change the
+    # fingerprint, or resuming would be refused.
     for f in sorted(run.rglob("*")):
-        if (f.suffix in (".pt", ".pth", ".safetensors") or f.name == "config.json") and f.is_file():
+        if f.suffix in (".pt", ".pth", ".safetensors") and f.is_file():
             st = f.stat()
             h.update(f"{f.relative_to(run)}:{st.st_size}:{st.st_mtime_ns}".encode())
+        elif f.name == "config.json" and f.is_file():
+            h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -691,6 +694,15 @@ def _write_failures(path: Path, records: Iterable[ImageRecord]) -> None:
 # The streaming engine
 # --------------------------------------------------------------------------------------------
 
+def _remove_stale_temp_files(out: Path) -> None:
+    """Delete temporary files a killed run (SIGKILL, power loss) left behind; they are never
+    complete outputs (only ``os.replace`` makes a file visible under its real name)."""
+    for folder in (out, out / "parts", out / "masks", out / "cams"):
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+
 def _check_run_settings(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Refuse to resume into a folder made with another model or segmentation."""
     f = out / _RUN_JSON
@@ -748,6 +760,7 @@ def predict_folder(input_dir: str | Path, model: str | Path | Any, out_dir: str 
             "ID_blue.png, ID_yellow.png (or .jpg/.tif), or multi-channel TIFFs."
         )
     out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_files(out)
     fingerprint = model_fingerprint(model)
     settings = {
         "input_dir": str(input_dir),

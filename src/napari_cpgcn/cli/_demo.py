@@ -43,19 +43,41 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="synthetic data -> train -> predict -> evaluate, in minutes",
                               description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", "-o", default="cpgcn-demo", metavar="DIR",
-                   help="output folder (default ./cpgcn-demo; rerun to resume)")
+    p.add_argument("--out", "-o", default="demo-output", metavar="DIR",
+                   help="output folder (default ./demo-output; rerun to resume)")
     p.add_argument("--n-train", type=int, default=32, help="training images (default 32)")
     p.add_argument("--n-test", type=int, default=8, help="held-out test images (default 8)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--backbone", default="resnet18", help="backbone of both models (default resnet18)")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per training stage (default 4)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default 0 = auto: the cores not busy with other work, at least "
+                        "1; oversubscribed threads are many times slower on a busy machine)")
     p.add_argument("--rows", type=int, default=10, help="rows of the per-cell table to print (default 10)")
     add_common_arguments(p)
     p.set_defaults(func=run)
 
 
 # ------------------------------------------------------------------------------------- steps
+
+def auto_threads() -> int:
+    """Cores not already busy (1-minute load average), at least 1, at most the cores.
+
+    On a shared machine, torch's default of one thread per core competes with the other
+    processes and its threads wait for each other: measured here, a resnet18 forward took
+    0.66 s with 2 threads on a 2-core machine under load 8, and 0.05 s with 1.
+    """
+    import os
+
+    cores = os.cpu_count() or 1
+    try:
+        busy = int(round(os.getloadavg()[0]))
+    except (OSError, AttributeError):  # not available on this platform
+        busy = 0
+    return max(1, min(cores, cores - busy))
+
 
 def make_data(out: Path, n_images: int, size: int, seed: int, quiet: bool) -> Path:
     """The synthetic data set (reused when ``synth.json`` says it was made with these settings)."""
@@ -89,19 +111,16 @@ def split(data: Path, n_test: int) -> tuple[Path, list[str], list[str]]:
     return train_csv, train_ids, test_ids
 
 
-def train(data: Path, train_csv: Path, run_dir: Path, device: str, seed: int, quiet: bool) -> Path:
+def train(data: Path, train_csv: Path, run_dir: Path, args: argparse.Namespace) -> Path:
     """Train the whole pipeline with the tiny preset (finished stages are skipped on rerun)."""
-    import dataclasses
-
     from tqdm import tqdm
 
     from napari_cpgcn.pipeline import PipelineConfig, train_pipeline
     from napari_cpgcn.training.events import EventKind
 
-    config = PipelineConfig.tiny()
-    changes = {k: v for k, v in (("device", device), ("seed", seed)) if hasattr(config, k)}
-    if changes:
-        config = dataclasses.replace(config, **changes)
+    quiet = args.quiet
+    config = PipelineConfig.tiny(backbone=args.backbone, image_size=args.size, epochs=args.epochs,
+                                 seed=args.seed, device=args.device)
     bar = None
     stage = ""
     try:
@@ -110,16 +129,18 @@ def train(data: Path, train_csv: Path, run_dir: Path, device: str, seed: int, qu
                 stage = ev.stage
                 if bar is not None:
                     bar.close()
-                bar = tqdm(desc=f"2/4 train: {stage}", unit="step", disable=quiet, leave=False)
+                bar = tqdm(desc=f"2/4 train: {stage}", unit="batch", disable=quiet, leave=False)
             elif ev.kind == EventKind.STAGE_END:
                 log.info("train: %s %s", ev.stage, ev.message)
             elif ev.kind in (EventKind.BATCH, EventKind.ITEM) and bar is not None:
                 if ev.n_batches and bar.total != ev.n_batches:
                     bar.reset(total=ev.n_batches)
-                    bar.update(max(ev.batch - 1, 0))
-                bar.update(1)
+                if ev.n_epochs:
+                    bar.set_description_str(f"2/4 train: {stage} epoch {ev.epoch}/{ev.n_epochs}", refresh=False)
+                bar.n = ev.batch
                 if ev.loss is not None:
                     bar.set_postfix_str(f"loss {ev.loss:.3f}", refresh=False)
+                bar.refresh()
             elif ev.kind == EventKind.EPOCH_END and ev.metrics:
                 log.debug("train %s epoch %d: %s", stage, ev.epoch, ev.metrics)
     finally:
@@ -153,12 +174,11 @@ def evaluate(data: Path, pred_dir: Path, test_ids: list[str]) -> dict:
     import numpy as np
     import pandas as pd
     import tifffile
-    from PIL import Image
 
-    from napari_cpgcn.classes import N_CLASSES, SHORT_NAMES
-    from napari_cpgcn.evaluation.cell import CellAPAccumulator
+    from napari_cpgcn.classes import SHORT_NAMES
+    from napari_cpgcn.evaluation.cell import CellAPAccumulator, CellTruth
     from napari_cpgcn.evaluation.image import per_class_ap
-    from napari_cpgcn.io.tables import parse_label_string, read_labels_csv
+    from napari_cpgcn.io.tables import read_labels_csv
 
     labels = read_labels_csv(data / "train.csv").subset(test_ids)
     images = pd.read_csv(pred_dir / "images.csv").set_index("image_id")
@@ -168,16 +188,14 @@ def evaluate(data: Path, pred_dir: Path, test_ids: list[str]) -> dict:
     scores = images.loc[test_ids, [f"image_{s}" for s in SHORT_NAMES]].to_numpy(np.float64)
     image_ap = per_class_ap(labels.labels, scores)
 
-    truth = pd.read_csv(data / "truth" / "cells.csv", dtype={"labels": str}, keep_default_na=False)
+    truth = CellTruth.load(data / "truth")
     cells = pd.read_csv(pred_dir / "cells.csv")
     accs = {p: CellAPAccumulator() for p in ("fused", "cell", "image")}
+    n_true = 0
     for iid in test_ids:
-        tmask = np.asarray(Image.open(data / "truth" / f"{iid}_cells.png")).astype(np.int64)
-        t = truth[truth.image_id == iid]
-        tids = t.cell_id.to_numpy(np.int64)
-        tlab = np.zeros((len(t), N_CLASSES), np.uint8)
-        for r, s in enumerate(t["labels"]):
-            tlab[r, parse_label_string(s)] = 1
+        tmask = truth.mask(iid)
+        tids, tlab = truth.labels[iid]
+        n_true += len(tids)
         pmask = tifffile.imread(pred_dir / "masks" / f"{iid}.tif").astype(np.int64)
         rows = cells[cells.image_id == iid]
         pids = rows.cell_id.to_numpy(np.int64)
@@ -189,12 +207,12 @@ def evaluate(data: Path, pred_dir: Path, test_ids: list[str]) -> dict:
     return {
         "image_map": float(np.nanmean(image_ap)) if present.any() else float("nan"),
         "image_ap": {s: (None if not np.isfinite(a) else float(a)) for s, a in zip(SHORT_NAMES, image_ap, strict=True)},
-        "cell_map": float(res["fused"].mAP),
-        "cell_map_cell_model_only": float(res["cell"].mAP),
-        "cell_map_image_model_only": float(res["image"].mAP),
+        "cell_map": float(res["fused"].map),
+        "cell_map_cell_model_only": float(res["cell"].map),
+        "cell_map_image_model_only": float(res["image"].map),
         "n_test_images": len(test_ids),
         "n_predicted_cells": int(len(cells)),
-        "n_true_cells": int(len(truth[truth.image_id.isin(test_ids)])),
+        "n_true_cells": n_true,
     }
 
 
@@ -202,17 +220,22 @@ def _table_head(pred_dir: Path, n: int) -> str:
     import pandas as pd
 
     cells = pd.read_csv(pred_dir / "cells.csv", keep_default_na=False)
+    import numpy as np
+
+    from napari_cpgcn.classes import SHORT_NAMES
+
     head = cells.head(n).copy()
     head["image_id"] = head["image_id"].str.slice(0, 18)
-    fused = [c for c in cells.columns if c.startswith("fused_")]
-    head["top_fused"] = cells.head(n)[fused].max(axis=1).round(3)
-    cols = ["image_id", "cell_id", "area", "centroid_y", "centroid_x", "top_class", "top_fused", "top_classes"]
+    fused = head[[f"fused_{s}" for s in SHORT_NAMES]].to_numpy(np.float64)
+    head["top 3 classes (fused probability)"] = [
+        "  ".join(f"{SHORT_NAMES[k]} {row[k]:.2f}" for k in np.argsort(-row, kind="stable")[:3]) for row in fused]
+    cols = ["image_id", "cell_id", "area", "centroid_y", "centroid_x", "top 3 classes (fused probability)"]
     with pd.option_context("display.width", 160, "display.max_colwidth", 48, "display.precision", 1):
         return head[cols].to_string(index=False)
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_cpgcn.cli import EXIT_OK, UsageError, setup_logging
+    from napari_cpgcn.cli import UsageError, setup_logging
 
     if args.n_train < 4 or args.n_test < 1:
         raise UsageError("--n-train must be >= 4 and --n-test >= 1")
@@ -221,6 +244,22 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(args, logfile=str(out / "demo.log"))
+    from napari_cpgcn.cli._predict import close_log_file
+
+    try:
+        return _run(args, out)
+    finally:
+        close_log_file(out / "demo.log")
+
+
+def _run(args: argparse.Namespace, out: Path) -> int:
+    import torch
+
+    from napari_cpgcn.cli import EXIT_OK
+
+    threads = args.threads if args.threads > 0 else auto_threads()
+    torch.set_num_threads(threads)
+    log.debug("torch threads: %d", threads)
     t0 = time.perf_counter()
     times: dict[str, float] = {}
 
@@ -231,11 +270,13 @@ def run(args: argparse.Namespace) -> int:
     log.info("data: %d training and %d held-out %dpx images in %s", len(train_ids), len(test_ids), args.size, data)
 
     t = time.perf_counter()
-    run_dir = train(data, train_csv, out / "run", args.device, args.seed, args.quiet)
+    run_dir = train(data, train_csv, out / "run", args)
     times["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
     summary = predict(data, run_dir, out / "predictions", test_ids, args.device, args.quiet)
+    if summary is None or summary.n_failed:
+        raise RuntimeError(f"prediction failed for some images; see {out / 'predictions' / 'failures.csv'}")
     times["predict"] = time.perf_counter() - t
 
     t = time.perf_counter()

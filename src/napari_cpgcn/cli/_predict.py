@@ -36,12 +36,15 @@ def register(subparsers) -> None:
     p.add_argument("--model", "-m", required=True, metavar="RUN_OR_CKPT",
                    help="trained run folder (from `napari-cpgcn train` or `demo`) or a checkpoint inside one")
     p.add_argument("--out", "-o", required=True, metavar="OUT_DIR", help="output folder (rerun to resume)")
-    p.add_argument("--segmentation", default="classical", metavar="METHOD",
-                   help="cell segmentation: classical (default, no weights) or cellpose")
+    p.add_argument("--segmentation", default=None, metavar="METHOD",
+                   help="cell segmentation: classical (no weights) or cellpose; default: the method "
+                        "the run was trained with")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--batch-size", type=int, default=4,
                    help="images in flight per stage (read-ahead is twice this); memory grows with it (default 4)")
     p.add_argument("--workers", type=int, default=2, help="image reader threads (default 2)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default: torch's choice; 1 is often faster on a busy shared CPU)")
     p.add_argument("--save-cams", action="store_true", help="also write cams/{ID}.tif: (19, Y, X) uint8 CAMs")
     p.add_argument("--submission", action="store_true", help="also write submission.csv (Kaggle 2021 format)")
     p.add_argument("--overwrite", action="store_true", help="redo every image instead of resuming")
@@ -51,7 +54,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_cpgcn.cli import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, UsageError, setup_logging
+    from napari_cpgcn.cli import UsageError, setup_logging
 
     input_dir = Path(args.input_dir)
     if not input_dir.is_dir():
@@ -59,20 +62,36 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.model).exists():
         raise UsageError(f"--model {args.model} does not exist; give a trained run folder "
                          "(`napari-cpgcn train` or `napari-cpgcn demo` writes one)")
-    if args.batch_size < 1 or args.workers < 1:
-        raise UsageError("--batch-size and --workers must be at least 1")
+    if args.batch_size < 1 or args.workers < 1 or args.threads < 0:
+        raise UsageError("--batch-size and --workers must be at least 1, --threads at least 0")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder")
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(args, logfile=str(out / "predict.log"))
+    try:
+        return _run(args, input_dir, out)
+    finally:
+        close_log_file(out / "predict.log")
 
+
+def close_log_file(path: Path) -> None:
+    """Detach and close the file handler :func:`setup_logging` opened on ``path``."""
+    root = logging.getLogger("napari_cpgcn")
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == Path(path).resolve():
+            root.removeHandler(h)
+            h.close()
+
+
+def _run(args: argparse.Namespace, input_dir: Path, out: Path) -> int:
     from napari_cpgcn.batch import (
         BatchConfigError,
         BatchOptions,
         predict_folder,
         resolve_model_path,
     )
+    from napari_cpgcn.cli import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, UsageError
     from napari_cpgcn.training.events import EventKind
 
     try:
@@ -82,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     options = BatchOptions(
         segmentation=args.segmentation, device=args.device, batch_size=args.batch_size,
         workers=args.workers, save_cams=args.save_cams, submission=args.submission,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, torch_threads=args.threads,
     )
     log.info("predict %s with %s -> %s", input_dir, model, out)
     summary = None
