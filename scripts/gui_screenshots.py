@@ -1,6 +1,6 @@
 """Make the GUI screenshots of docs/gui.md (run under Xvfb).
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/gui_screenshots.py RUN_DIR
+    xvfb-run -a -s "-screen 0 1920x1080x24" .venv/bin/python scripts/gui_screenshots.py RUN_DIR
 
 RUN_DIR is a trained run (``napari-cpgcn train`` / ``demo`` or the Train widget). The real
 image is the Kaggle 2021 field ``000a6c98-…`` from ``../shared/data/hpa-samples``; cells come
@@ -15,6 +15,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO.parent / "shared" / "data" / "hpa-samples"
@@ -42,7 +44,17 @@ def settle(app, seconds: float = 1.0) -> None:
         time.sleep(0.01)
 
 
-def save(viewer, name: str, max_kb: int = 390, width: int = 1400) -> Path:
+def show_hover(app, viewer, layer, pos) -> None:
+    """Put the cursor on ``pos`` and show what hovering there shows in the status bar."""
+    viewer.cursor.position = pos
+    for _ in range(3):
+        app.processEvents()
+        viewer.status = layer.get_status(pos, world=True)
+        app.processEvents()
+        time.sleep(0.05)
+
+
+def save(viewer, name: str, max_kb: int = 390, width: int = 1500) -> Path:
     """Screenshot of the whole window, downsized and palette-quantised until it is < max_kb."""
     from PIL import Image
 
@@ -63,8 +75,13 @@ def save(viewer, name: str, max_kb: int = 390, width: int = 1400) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("run", help="trained run folder")
+    ap.add_argument("--stacked", action="store_true",
+                    help="also save gui_cams_stacked.png: the CAMs as one stacked layer with a class slider")
     ap.add_argument("--train-demo", action="store_true", help="also train a tiny run in the Train widget for gui_train.png")
     args = ap.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("NAPARI_CPGCN_CONFIG_DIR", tempfile.mkdtemp(prefix="cpgcn_shots_"))
     OUT.mkdir(parents=True, exist_ok=True)
 
@@ -72,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from qtpy.QtWidgets import QApplication
 
     viewer = napari.Viewer(title="napari-cpgcn")
-    viewer.window.resize(1600, 1000)
+    viewer.window.resize(1900, 1040)
     app = QApplication.instance()
 
     def dock(name):
@@ -98,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     pred_dock, pred = dock("Predict (CAMs + per-cell table)")
     pred.set_run(str(Path(args.run).resolve()))
     pred.device_combo.setCurrentText("cpu")
+    pred.threshold.setValue(0.25)  # the demo model is unsure: show its three most probable classes
     pred.predict()
     wait_for(app, pred.predicted)
     settle(app, 0.5)
@@ -108,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     viewer.layers[f"{IMAGE_ID} red"].visible = False  # protein (green) and nuclei (blue) under the CAMs
     cams = [ly for ly in viewer.layers if ly.metadata.get("hpa_role") == "cam"]
     for ly in cams:
-        ly.opacity = 0.6
+        ly.opacity = 0.5
     # the table sorted by probability; its first cell selected (the view centres on it)
     from qtpy.QtCore import Qt
 
@@ -119,15 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     k = int(pred.table.table.item(0, 0).text())
     row = feats.loc[feats["index"] == k].iloc[0]
     pos = (float(row["centroid_y"]), float(row["centroid_x"]))
-    if cams:
-        viewer.layers.selection.active = cams[0]
+    viewer.layers.selection.active = cells  # the status bar describes the active layer
     browser_dock.hide()
     seg_dock.hide()
     viewer.reset_view()
     settle(app, 1.0)
-    viewer.cursor.position = pos
-    viewer.status = cells.get_status(pos, world=True)  # what hovering the cell shows
-    app.processEvents()
+    show_hover(app, viewer, cells, pos)
     save(viewer, "gui_predict.png")
 
     # 3. the same, zoomed on the selected cell, CAMs only for the top class
@@ -135,9 +150,21 @@ def main(argv: list[str] | None = None) -> int:
     camera.center = pos
     camera.zoom = camera.zoom * 3
     settle(app, 0.5)
-    viewer.status = cells.get_status(pos, world=True)
-    app.processEvents()
+    show_hover(app, viewer, cells, pos)
     save(viewer, "gui_predict_zoom.png")
+
+    if args.stacked:  # the alternative design, for comparison
+        cam_layers_ = [ly for ly in viewer.layers if ly.metadata.get("hpa_role") == "cam"]
+        stack = np.stack([ly.data for ly in cam_layers_])
+        names = [ly.metadata["class_name"] for ly in cam_layers_]
+        for ly in cam_layers_:
+            viewer.layers.remove(ly)
+        viewer.add_image(stack, name="CAMs (slider: " + ", ".join(names[:3]) + ", …)", colormap="magma",
+                         blending="additive", opacity=0.6, contrast_limits=(0, 1))
+        viewer.layers.move(len(viewer.layers) - 1, len(viewer.layers) - 2)
+        viewer.reset_view()
+        settle(app, 1.0)
+        save(viewer, "gui_cams_stacked.png")
 
     if args.train_demo:
         from napari_cpgcn.synth import generate_dataset

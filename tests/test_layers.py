@@ -48,6 +48,7 @@ def test_cam_layers_threshold_visibility_and_colours():
         assert kw["name"] == f"CAM {CLASSES[k].name}"
         assert kw["blending"] == "additive"
         assert kw["metadata"]["hpa_role"] == "cam"
+        assert kw["contrast_limits"] == [pytest.approx(0.2), 1.0]
     # nothing above threshold: the top class still gets a (visible) layer
     low = cam_layers(cams, np.full(N_CLASSES, 0.01) + np.eye(N_CLASSES)[5] * 0.1, threshold=0.5)
     assert [kw["metadata"]["class_index"] for _, kw, _ in low] == [5]

@@ -344,6 +344,7 @@ def cam_layers(
     n_visible: int = 3,
     opacity: float = 0.7,
     include_negative: bool = False,
+    floor: float = 0.2,
 ) -> list[LayerDataTuple]:
     """One image layer per predicted class: the class activation map in the class colour.
 
@@ -362,6 +363,10 @@ def cam_layers(
         Layer opacity (blending is additive, so the channels stay readable underneath).
     include_negative
         Also overlay the Negative class (its map carries no localisation, off by default).
+    floor
+        Lower contrast limit as a fraction of the map's maximum: the weak, diffuse tail of an
+        upsampled CAM stays transparent and only where the model looked lights up (the data
+        are untouched; drag the contrast slider to see all of it).
 
     Returns
     -------
@@ -379,12 +384,13 @@ def cam_layers(
     for rank, k in enumerate(chosen):
         cam = np.asarray(cams[k], dtype=np.float32)
         hi = float(np.nanmax(cam)) if cam.size else 1.0
+        top = max(hi, 1e-6) if hi > 1.0 else 1.0
         kwargs = {
             "name": f"CAM {CLASSES[k].name}",
             "colormap": CLASSES[k].color,  # napari builds a black → class colour map from a hex
             "blending": "additive",
             "opacity": opacity,
-            "contrast_limits": [0.0, max(hi, 1e-6) if hi > 1.0 else 1.0],
+            "contrast_limits": [floor * top, top],
             "visible": rank < n_visible,
             "metadata": {
                 "hpa_role": "cam",
