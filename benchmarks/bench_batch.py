@@ -135,11 +135,11 @@ def child(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     load_predictor(args.model)  # cached: the run below reuses it; timed apart (a one-off cost)
     load_s = time.perf_counter() - t
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     s = run_predict_folder(args.child, args.model, args.out,
                            BatchOptions(batch_size=args.batch_size, workers=args.workers, overwrite=True))
-    wall = time.perf_counter() - t
-    print(json.dumps({"n": s.n_done, "failed": s.n_failed, "wall": wall, "load_s": load_s, "rss_mb": peak_rss_mb(),
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    print(json.dumps({"n": s.n_done, "failed": s.n_failed, "wall": wall, "cpu": cpu, "load_s": load_s, "rss_mb": peak_rss_mb(),
                       "stages": s.seconds_by_stage, "inner": {k: v / max(s.n_done, 1) for k, v in totals.items()},
                       "cells": s.n_cells}))
 
@@ -160,7 +160,8 @@ def run_child(folder: Path, model: Path, out: Path, a: argparse.Namespace, stage
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--counts", type=int, nargs="+", default=[10, 100, 500])
+    ap.add_argument("--counts", type=int, nargs="*", default=[10, 100, 500],
+                    help="folder sizes of the sweep (none: skip the sweep)")
     ap.add_argument("--size", type=int, default=512, help="image side for the count sweep")
     ap.add_argument("--big-size", type=int, default=2048, help="image side for the per-stage timing")
     ap.add_argument("--n-big", type=int, default=4, help="images for the per-stage timing")
@@ -196,19 +197,24 @@ def main() -> None:
     vals = [f"{st[c]:.2f}" if c in st else "n/a" for c in cols]
     print("| " + " | ".join(vals + [f"{st.get('predict', float('nan')):.2f}", f"{r['wall'] / r['n']:.2f}",
                                    f"{r['n'] / r['wall']:.2f}", f"{r['rss_mb']:.0f}"]) + " |")
+    print(f"\nCPU seconds per image (all threads): {r['cpu'] / r['n']:.2f}; 1-min load average at the end: "
+          f"{os.getloadavg()[0]:.1f}")
     print(f"\n(model loading, once per run: {r['load_s']:.1f} s, not included; read and write overlap "
           "with the model stages in other threads, so wall / image < the sum of the stages)", flush=True)
 
     # 2. count sweep: throughput and peak RSS
+    if not a.counts:
+        return
     print(f"\n## predict over N {a.size}² images (fresh process each)\n")
-    print("| images | wall s (without model loading) | images/s | peak RSS MB | cells |")
-    print("|---|---|---|---|---|")
+    print("| images | wall s (without model loading) | images/s | CPU s / image | peak RSS MB | cells |")
+    print("|---|---|---|---|---|---|")
     rows = []
     for n in a.counts:
         folder = make_folder(a.work, n, a.size)
         r = run_child(folder, model, a.work / f"out_{a.size}_{n}", a)
         rows.append(r)
-        print(f"| {n} | {r['wall']:.1f} | {r['n'] / r['wall']:.2f} | {r['rss_mb']:.0f} | {r['cells']} |", flush=True)
+        print(f"| {n} | {r['wall']:.1f} | {r['n'] / r['wall']:.2f} | {r['cpu'] / r['n']:.2f} | {r['rss_mb']:.0f} "
+              f"| {r['cells']} |", flush=True)
     if len(rows) >= 2:
         ref = rows[-2] if len(rows) > 2 else rows[0]
         growth = (rows[-1]["rss_mb"] - ref["rss_mb"]) / ref["rss_mb"] * 100
