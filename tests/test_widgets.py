@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ARCHIVE_JPEG_IDS, KAGGLE2018_ID, KAGGLE2021_IDS
 from PIL import Image
 
 from napari_cpgcn.classes import CHANNELS
-
-from conftest import ARCHIVE_JPEG_IDS, KAGGLE2018_ID, KAGGLE2021_IDS
 
 pytestmark = pytest.mark.gui
 

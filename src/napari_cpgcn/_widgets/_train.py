@@ -132,7 +132,7 @@ class LossPlot(QWidget):
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        self.setMinimumHeight(140)
+        self.setMinimumHeight(160)
         self.clear()
         self._timer = QTimer(self)
         self._timer.setInterval(250)
@@ -169,7 +169,7 @@ class LossPlot(QWidget):
         p.setRenderHint(QPainter.RenderHint.Antialiasing)
         w, h = self.width(), self.height()
         fg = self.palette().color(self.foregroundRole())
-        left, right, top, bottom = 44, 30, 8, 20
+        left, right, top, bottom = 44, 30, 8, 34
         plot = QRectF(left, top, max(w - left - right, 10), max(h - top - bottom, 10))
         p.setPen(QPen(fg, 1))
         p.drawRect(plot)
@@ -193,7 +193,7 @@ class LossPlot(QWidget):
         p.drawText(QRectF(plot.left(), plot.bottom() + 2, plot.width(), 14), Qt.AlignmentFlag.AlignCenter,
                    f"batch (0-{self.step})   — loss (left)   ● val mAP (right)")
         # legend + lines
-        x_leg = plot.left() + 4
+        x_leg = plot.left()
         for i, (stage, pts) in enumerate(self.loss.items()):
             color = QColor(self.COLORS[i % len(self.COLORS)])
             p.setPen(QPen(color, 1.5))
@@ -202,7 +202,7 @@ class LossPlot(QWidget):
             elif pts:
                 p.drawEllipse(to_xy(*pts[0], ymin, ymax), 2, 2)
             label = STAGE_TITLES.get(stage, stage)
-            p.drawText(QRectF(x_leg, plot.top() + 2, 200, 14), Qt.AlignmentFlag.AlignLeft, label)
+            p.drawText(QRectF(x_leg, plot.bottom() + 17, 200, 14), Qt.AlignmentFlag.AlignLeft, label)
             x_leg += 8 + p.fontMetrics().horizontalAdvance(label)
         p.setPen(QPen(fg, 1))
         p.setBrush(fg)
