@@ -248,5 +248,17 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert cells.image_id.nunique() == 2
     assert (out / "run" / "cell_model").is_dir()
     # a rerun reuses the data, the trained stages and the predictions
+    parts_before = sorted((out / "predictions" / "parts").iterdir())
     assert main(args) == EXIT_OK
     assert json.loads((out / "demo.json").read_text())["cell_map"] == scores["cell_map"]
+    # weights that changed since (a retrained run) are not mixed with old predictions: redone
+    import os
+
+    ckpt = next((out / "run" / "cell_model").glob("*.pt"))
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))
+    done = next((out / "predictions" / "parts").glob("*.done.json"))
+    t_done = done.stat().st_mtime_ns
+    assert main(args) == EXIT_OK
+    assert done.stat().st_mtime_ns > t_done
+    assert json.loads((out / "demo.json").read_text())["cell_map"] == scores["cell_map"]
+    assert parts_before == sorted((out / "predictions" / "parts").iterdir())

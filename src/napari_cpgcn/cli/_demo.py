@@ -92,6 +92,13 @@ def make_data(out: Path, n_images: int, size: int, seed: int, quiet: bool) -> Pa
         if (m.get("n_images"), m.get("size"), m.get("seed")) == (n_images, size, seed):
             log.info("data: reusing %s", data)
             return data
+        # Another data set: the run and predictions made from the old one would be reused
+        # silently by the resumable steps, so they go (only the demo's own subfolders).
+        import shutil
+
+        log.info("data: settings changed; making a new data set, run and predictions in %s", out)
+        for sub in ("data", "run", "predictions"):
+            shutil.rmtree(out / sub, ignore_errors=True)
     with tqdm(total=n_images, desc="1/4 synthetic data", unit="img", disable=quiet) as bar:
         generate_dataset(data, n_images, size=size, seed=seed, progress=bar)
     return data
@@ -153,16 +160,22 @@ def predict(data: Path, run_dir: Path, pred_dir: Path, test_ids: list[str], devi
     """Predict the held-out images with the batch engine."""
     from tqdm import tqdm
 
-    from napari_cpgcn.batch import BatchOptions, predict_folder
+    from napari_cpgcn.batch import BatchConfigError, BatchOptions, predict_folder
     from napari_cpgcn.training.events import EventKind
 
+    options = BatchOptions(device=device, submission=True)
+    try:
+        events = predict_folder(data / "images", run_dir, pred_dir, options, image_ids=test_ids)
+        first = next(events)
+    except BatchConfigError:  # the run was retrained since the last demo: predict again
+        log.info("predict: the trained run changed since the last predictions; predicting again")
+        options = BatchOptions(device=device, submission=True, overwrite=True)
+        events = predict_folder(data / "images", run_dir, pred_dir, options, image_ids=test_ids)
+        first = next(events)
     summary = None
-    with tqdm(total=len(test_ids), desc="3/4 predict", unit="img", disable=quiet) as bar:
-        for ev in predict_folder(data / "images", run_dir, pred_dir,
-                                 BatchOptions(device=device, submission=True), image_ids=test_ids):
-            if ev.kind == EventKind.STAGE_START:
-                bar.update(ev.batch)
-            elif ev.kind == EventKind.ITEM:
+    with tqdm(total=len(test_ids), initial=first.batch, desc="3/4 predict", unit="img", disable=quiet) as bar:
+        for ev in events:
+            if ev.kind == EventKind.ITEM:
                 bar.update(1)
             elif ev.kind == EventKind.DONE:
                 summary = ev.result
