@@ -262,3 +262,37 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert done.stat().st_mtime_ns > t_done
     assert json.loads((out / "demo.json").read_text())["cell_map"] == scores["cell_map"]
     assert parts_before == sorted((out / "predictions" / "parts").iterdir())
+
+
+def test_save_cams_writes_one_tiff_per_image(synth_data, trained_run, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    ids = sorted({p.name.rsplit("_", 1)[0] for p in (synth_data / "images").glob("*.png")})[:2]
+    for iid in ids:
+        for p in (synth_data / "images").glob(f"{iid}_*.png"):
+            shutil.copy(p, images / p.name)
+    out = tmp_path / "out"
+    assert _predict(images, trained_run, out) == EXIT_OK
+    assert not (out / "cams").exists()
+    # asking for CAMs on a rerun redoes the images finished without them
+    assert _predict(images, trained_run, out, "--save-cams") == EXIT_OK
+    assert json.loads((out / "run.json").read_text())["summary"]["n_done"] == 2
+    for iid in ids:
+        with tifffile.TiffFile(out / "cams" / f"{iid}.tif") as tf:
+            cams = tf.asarray()
+            meta = json.loads(tf.pages[0].description)
+        mask = tifffile.imread(out / "masks" / f"{iid}.tif")
+        assert cams.shape == (N_CLASSES, *mask.shape) and cams.dtype == np.uint8
+        assert meta["classes"][0] == "Nucleoplasm" and len(meta["classes"]) == N_CLASSES
+        assert cams.max() > 0
+    # without --save-cams nothing is redone
+    assert _predict(images, trained_run, out) == EXIT_OK
+    assert json.loads((out / "run.json").read_text())["summary"]["n_skipped"] == 2
+
+
+def test_info_follows_cellpose_env(tmp_path, monkeypatch, capsys):
+    (tmp_path / "cyto3").write_bytes(b"x")
+    monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(tmp_path))
+    assert main(["info", "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)["cellpose_models"]
+    assert c["folder"] == str(tmp_path) and c["files"] == ["cyto3"]
