@@ -120,7 +120,7 @@ def test_cpm_shapes_and_gradients():
     torch.testing.assert_close(t[1, 3], (m[1, 3][None] * x[1]).sum(dim=(1, 2)))
     t.sum().backward()
     assert x.grad is not None and cpm.conv.weight.grad is not None and cpm.conv.weight.grad.abs().sum() > 0
-    t2, m2 = ClassPerceptionModule(16, 5, norm="sigmoid")(x)
+    t2, m2 = ClassPerceptionModule(16, 5, norm="softmax")(x)
     torch.testing.assert_close(m2.sum(dim=(2, 3)), torch.ones(2, 5))
 
 

@@ -159,8 +159,6 @@ def test_two_epoch_run_lowers_loss_and_writes_run(trained):
     assert ck["epoch"] == 2 and ck["meta"]["classes"][0] == "nucleoplasm"
     assert {"optimizer", "scaler", "rng", "config", "history", "model"} <= set(ck)
     assert ck["meta"]["backbone"] == "resnet18" and len(ck["meta"]["mean"]) == 4
-    # the adjacency was built from the training split only
-    train = read_labels_csv(run.parent / "x.csv") if False else None  # noqa: F841
     assert "gcn.adjacency" in ck["model"]
 
 

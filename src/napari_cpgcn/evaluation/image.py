@@ -114,7 +114,7 @@ def plot_ap_bars(ap: np.ndarray, path: str | Path, class_names: Sequence[str] = 
         m = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
         ax.bar(pos, np.nan_to_num(vals), width, color=colors if len(series) == 1 else None,
                label=f"{label} (mAP {m:.3f})", edgecolor="black", linewidth=0.4)
-        for xi, v in zip(pos, vals):
+        for xi, v in zip(pos, vals, strict=True):
             if not np.isfinite(v):  # no positive image: AP undefined, not zero
                 ax.text(xi, 0.01, "n/a", ha="center", va="bottom", fontsize=6, rotation=90, color="0.4")
     ax.set_xticks(x)

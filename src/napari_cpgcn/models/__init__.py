@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from napari_cpgcn.models.backbone import BACKBONES, DEFAULT_MEAN, DEFAULT_STD, Backbone, adapt_input_conv
+from napari_cpgcn.models.backbone import (
+    BACKBONES,
+    DEFAULT_MEAN,
+    DEFAULT_STD,
+    Backbone,
+    adapt_input_conv,
+)
 from napari_cpgcn.models.cpgcn import CPGCN, VARIANTS, normalize_cams
 from napari_cpgcn.models.cpm import ClassPerceptionModule
 from napari_cpgcn.models.gcn import GraphConvolution, LabelGCN, label_adjacency, load_label_vectors

@@ -54,7 +54,7 @@ class CPGCN(nn.Module):
     word_vectors, adjacency
         Label-GCN inputs (needed by ``cpgcn`` and ``mlgcn``).
     cpm_norm
-        CPM spatial normalisation (``"softmax"`` or ``"sigmoid"``).
+        CPM spatial normalisation (``"sigmoid"`` or ``"softmax"``).
     gcn_hidden, gcn_activation
         Label-GCN hidden width and activation.
     gcn_normalize
@@ -73,7 +73,7 @@ class CPGCN(nn.Module):
         n_classes: int = 19,
         word_vectors=None,
         adjacency=None,
-        cpm_norm: str = "softmax",
+        cpm_norm: str = "sigmoid",
         gcn_hidden: int = 1024,
         gcn_activation: str = "leaky_relu",
         gcn_normalize: bool = True,

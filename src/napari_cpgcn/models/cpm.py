@@ -1,7 +1,7 @@
 """Class perception module (CPM): class-specific activation maps and per-class representations.
 
 From a feature map X (B, D, h, w), a 1×1 convolution gives one raw map per class; the map is
-normalised over space into weights M_c (softmax by default, or sigmoid divided by its sum) and
+normalised over space into weights M_c (sigmoid divided by its sum by default, or softmax) and
 the class representation is the weighted sum t_c = Σ_ij M^c_ij x_ij, so T is (B, C, D).
 """
 
@@ -13,7 +13,7 @@ from torch import nn
 __all__ = ["ClassPerceptionModule", "spatial_normalize"]
 
 
-def spatial_normalize(raw: torch.Tensor, norm: str = "softmax") -> torch.Tensor:
+def spatial_normalize(raw: torch.Tensor, norm: str = "sigmoid") -> torch.Tensor:
     """Raw maps (B, C, h, w) → weights over space that sum to 1 per (image, class)."""
     b, c, h, w = raw.shape
     flat = raw.float().flatten(2)
@@ -37,7 +37,7 @@ class ClassPerceptionModule(nn.Module):
     n_classes
         Number of classes C.
     norm
-        Spatial normalisation of the maps: ``"softmax"`` or ``"sigmoid"`` (sigmoid / sum).
+        Spatial normalisation of the maps: ``"sigmoid"`` (sigmoid / sum) or ``"softmax"``.
 
     Returns
     -------
@@ -47,7 +47,7 @@ class ClassPerceptionModule(nn.Module):
         (B, C, h, w) normalised class maps (each sums to 1 over space).
     """
 
-    def __init__(self, in_channels: int, n_classes: int, norm: str = "softmax") -> None:
+    def __init__(self, in_channels: int, n_classes: int, norm: str = "sigmoid") -> None:
         super().__init__()
         if norm not in ("softmax", "sigmoid"):
             raise ValueError(f"unknown CPM normalisation {norm!r}; use 'softmax' or 'sigmoid'")

@@ -151,7 +151,7 @@ class ImageModelConfig(TrainConfig):
         ``"imagenet"`` (torch hub cache, fall back to random init with a message), a file path,
         or ``None`` (random init).
     cpm_norm
-        CPM spatial normalisation: ``"softmax"`` or ``"sigmoid"``.
+        CPM spatial normalisation: ``"sigmoid"`` (σ(a)/Σσ(a), default) or ``"softmax"``.
     tau, gcn_hidden, gcn_activation
         Label graph threshold, GCN hidden width and activation (``"leaky_relu"`` or ``"relu"``).
     gcn_normalize
@@ -177,7 +177,7 @@ class ImageModelConfig(TrainConfig):
     variant: str = "cpgcn"
     image_size: int = 512
     imagenet_weights: str | None = "imagenet"
-    cpm_norm: str = "softmax"
+    cpm_norm: str = "sigmoid"
     tau: float = 0.3
     gcn_hidden: int = 1024
     gcn_activation: str = "leaky_relu"
