@@ -257,10 +257,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(args, logfile=str(out / "demo.log"))
-    from napari_cpgcn.cli._predict import close_log_file
+    from napari_cpgcn.cli._predict import close_log_file, progress_logging
 
     try:
-        return _run(args, out)
+        with progress_logging():
+            return _run(args, out)
     finally:
         close_log_file(out / "demo.log")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from pathlib import Path
 
@@ -75,6 +76,25 @@ def run(args: argparse.Namespace) -> int:
         close_log_file(out / "predict.log")
 
 
+@contextlib.contextmanager
+def progress_logging():
+    """Route console log lines through ``tqdm.write`` so they do not break progress bars.
+
+    tqdm's ``logging_redirect_tqdm`` swaps the console handler for one without its level
+    (so debug lines meant for the log file would reach the console); the level is put back.
+    """
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    logger = logging.getLogger("napari_cpgcn")
+    before = list(logger.handlers)
+    console = [h.level for h in before if not isinstance(h, logging.FileHandler)]
+    with logging_redirect_tqdm(loggers=[logger]):
+        for h in logger.handlers:
+            if h not in before and console:
+                h.setLevel(console[0])
+        yield
+
+
 def close_log_file(path: Path) -> None:
     """Detach and close the file handler :func:`setup_logging` opened on ``path``."""
     root = logging.getLogger("napari_cpgcn")
@@ -107,11 +127,10 @@ def _run(args: argparse.Namespace, input_dir: Path, out: Path) -> int:
     summary = None
     bar = None
     from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
 
     events = predict_folder(input_dir, model, out, options) if not args.cluster else \
         cluster_predict_events(args, input_dir, model, out, options)
-    with logging_redirect_tqdm(loggers=[logging.getLogger("napari_cpgcn")]):
+    with progress_logging():
         try:
             for ev in events:
                 if ev.kind == EventKind.STAGE_START:
