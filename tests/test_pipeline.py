@@ -188,3 +188,36 @@ def test_train_cli_then_rerun_skips(synth_data, tmp_path):
     assert (run / "stages.json").read_text() == before
     assert main(["train", str(synth_data / "images"), "--labels", str(synth_data / "train.csv"), "--out",
                  str(run), "--k", "0", "-q"]) == 2  # bad usage
+
+
+def test_refinement_interrupt_and_resume_is_identical(trained_run, synth_data, tmp_path):
+    """Stop inside round 2, rerun: round 1 is skipped, round 2 resumes; the refined model equals an
+    uninterrupted run's."""
+    from napari_cpgcn.training.engine import load_checkpoint
+    from napari_cpgcn.training.subcategory import RefineConfig, train_subcategory
+
+    run, _ = trained_run
+    ckpt = run / "image_model" / "best.pt"
+    cfg = RefineConfig(k=2, rounds=2, epochs=2, batch_size=4, device="cpu")
+    args = (synth_data / "images", synth_data / "train.csv")
+
+    full = list(train_subcategory(*args, tmp_path / "a", ckpt, cfg))
+    assert full[-1].kind == EventKind.DONE
+
+    flag = StopFlag()
+    events = []
+    for ev in train_subcategory(*args, tmp_path / "b", ckpt, cfg, flag):
+        events.append(ev)
+        if ev.kind == EventKind.CHECKPOINT and "round 2" in ev.message:
+            flag.set()
+    assert events[-1].kind == EventKind.STOPPED
+    assert (tmp_path / "b" / "round1" / "done.json").is_file()
+    flag.clear()
+    events = list(train_subcategory(*args, tmp_path / "b", ckpt, cfg, flag))
+    assert any("round 1/2 finished earlier" in e.message for e in events)
+    assert events[-1].kind == EventKind.DONE
+    a = load_checkpoint(tmp_path / "a" / "best.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "best.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -277,7 +277,10 @@ def train_cell_model(
             config = config.replace(mean=config.mean or mean, std=config.std or std)
     config.save(cfg_path)
 
-    model = build_cell_model(config)
+    # Seeded initialisation: the same weights whatever ran before in this process.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_cell_model(config)
     n_pos = targets[train_rows].sum(0)
     yield Event(EventKind.LOG, stage=stage, message=(
         f"cell model ({config.mode}): {len(train_rows)} training / {len(val_rows)} validation cells, "

@@ -294,7 +294,11 @@ def train_subcategory(
                      for c in range(n_classes) if (assign[:, c] >= 0).any()}
             (rdir / "clusters.json").write_text(json.dumps({"k": k, "ids": plain.ids, "sizes": sizes}))
         sub = _sub_targets(assign, k)
-        wrapper = SubcategoryModel(model, n_classes * k)
+        # The new sub-class head is initialised from a seed of its own, not from whatever state the
+        # global generator is in, so that a run is reproducible whatever ran before it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed + 7919 * r)
+            wrapper = SubcategoryModel(model, n_classes * k)
         gen = torch.Generator()
         gen.manual_seed(config.seed + r)
         train_loader = torch.utils.data.DataLoader(
