@@ -42,7 +42,7 @@ def test_sample_submission_strings_decode_and_reencode(shared_data):
     sizes = {}
     for r in rows:
         assert len(r.predictions) >= 1
-        for k, conf, enc in r.predictions:
+        for k, _conf, enc in r.predictions:
             sizes[(r.height, r.width)] = enc
             assert 0 <= k < 19
     for (h, w), enc in sizes.items():

@@ -85,7 +85,7 @@ def export_submission(cells_csv: str | Path, masks_dir: str | Path, out: str | P
         sub = groups.get(iid)
         if sub is not None:
             scores = sub[cols].to_numpy(np.float64)
-            for cid, sc in zip(sub["cell_id"].to_numpy(), scores):
+            for cid, sc in zip(sub["cell_id"].to_numpy(), scores, strict=True):
                 s = enc.get(int(cid))
                 if s is None:
                     log.warning("%s: cell %d is in the table but not in the mask; left out", iid, cid)
