@@ -60,12 +60,13 @@ def worker(args: argparse.Namespace) -> None:
     from napari_cpgcn.training.inference import load_image_model, predict_images
 
     train_dir, test_dir = Path(args.train_dir), Path(args.test_dir)
-    run = Path(args.work) / "runs" / f"{args.variant.replace('+', '_')}_seed{args.seed}"
+    tag = "" if (args.cpm_norm, args.gcn_lr_scale) == ("sigmoid", 0.01) else f"_{args.cpm_norm}_g{args.gcn_lr_scale}"
+    run = Path(args.work) / "runs" / f"{args.variant.replace('+', '_')}_seed{args.seed}{tag}"
     cfg = ImageModelConfig(
         backbone=args.backbone, variant=args.variant, image_size=args.image_size, batch_size=args.batch_size,
         epochs=args.epochs, lr=args.lr, seed=args.seed, device="cpu", imagenet_weights=None,
         val_fraction=0.0, gcn_hidden=args.gcn_hidden, oaa=False, lr_schedule=args.lr_schedule,
-        cpm_norm=args.cpm_norm,
+        cpm_norm=args.cpm_norm, gcn_lr_scale=args.gcn_lr_scale,
         cache_dir=str(Path(args.work) / "cache" / f"{train_dir.name}_{args.image_size}"),
     )
     secs = []
@@ -136,6 +137,7 @@ def main() -> int:
     ap.add_argument("--lr-schedule", default="constant")
     ap.add_argument("--gcn-hidden", type=int, default=256)
     ap.add_argument("--cpm-norm", default="sigmoid", choices=["sigmoid", "softmax"])
+    ap.add_argument("--gcn-lr-scale", type=float, default=0.01, help="learning-rate factor of the label GCN")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=1, help="torch threads per training process")
@@ -164,7 +166,7 @@ def main() -> int:
                 cmd = [sys.executable, __file__, "--worker", "--variant", v, "--seed", str(seed),
                        "--train-dir", str(train_dir), "--test-dir", str(test_dir)]
                 for k in ("work", "image_size", "backbone", "epochs", "batch_size", "lr", "lr_schedule",
-                          "gcn_hidden", "threads", "cpm_norm"):
+                          "gcn_hidden", "threads", "cpm_norm", "gcn_lr_scale"):
                     cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
                 t0 = time.perf_counter()
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
@@ -177,7 +179,7 @@ def main() -> int:
                 print(f"# {v:8s} seed {seed}: test mAP {r['mAP']:.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
         print()
         print(f"Image-level ablation: {args.backbone} from scratch, {args.image_size}² input, "
-              f"{args.epochs} epochs, batch {args.batch_size}, Adam {args.lr}, focal loss, CPM {args.cpm_norm}; "
+              f"{args.epochs} epochs, batch {args.batch_size}, Adam {args.lr}, focal loss, CPM {args.cpm_norm}, GCN lr x{args.gcn_lr_scale}; "
               f"train {args.n_train} / test {args.n_test} synthetic images ({args.size}², heterogeneity "
               f"{args.heterogeneity}); seeds {args.seeds}; {args.threads} torch thread(s)")
         print()

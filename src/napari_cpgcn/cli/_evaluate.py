@@ -115,7 +115,8 @@ def evaluate_image(args: argparse.Namespace, out: Path) -> dict:
     plot_pr_curves(labels, probs, out / "image_pr.png", names)
     pred = pd.DataFrame(probs, columns=[f"image_{s}" for s in names])
     pred.insert(0, "image_id", ids)
-    atomic_write_text(out / "image_predictions.csv", pred.to_csv(index=False, float_format="%.6f"))
+    # 9 significant digits round-trip float32 exactly: rankings (hence AP) survive the CSV.
+    atomic_write_text(out / "image_predictions.csv", pred.to_csv(index=False, float_format="%.9g"))
     m_ap = float(df["ap"].iloc[-1])
     present = int(np.isfinite(ap).sum())
     lines = [f"{r['class']:<24} {int(r['n_positive']):>6} {r['ap']:.4f}" for _, r in df.iterrows()]

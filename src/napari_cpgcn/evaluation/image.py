@@ -150,7 +150,7 @@ def plot_pr_curves(y_true: np.ndarray, scores: np.ndarray, path: str | Path,
             continue
         ap = float(np.sum(np.diff(np.r_[0.0, r]) * p))
         color = CLASSES[c].color if c < len(CLASSES) else None
-        ax.step(np.r_[0.0, r], np.r_[p[0], p], where="post", color=color, lw=1.2,
+        ax.step(np.r_[0.0, r], np.r_[p[0], p], where="pre", color=color, lw=1.2,
                 label=f"{class_names[c]} ({ap:.2f})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
