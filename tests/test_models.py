@@ -197,6 +197,11 @@ def test_cpgcn_logit_is_inner_product_of_t_and_l():
     torch.testing.assert_close(logits[0], expected)
     raw = build_image_model(cfg.replace(gcn_normalize=False), label_matrix=np.eye(N_CLASSES))
     assert not hasattr(raw, "gcn_log_scale")
+    centred = build_image_model(cfg.replace(gcn_center=True), label_matrix=np.eye(N_CLASSES))
+    with torch.no_grad():
+        raw_l = centred.gcn()
+        expected_l = torch.nn.functional.normalize(raw_l - raw_l.mean(0), dim=1) * centred.gcn_log_scale.exp()
+        torch.testing.assert_close(centred.classifiers(), expected_l)
 
 
 def test_unknown_backbone_and_variant():

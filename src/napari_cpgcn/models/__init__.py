@@ -78,4 +78,5 @@ def build_image_model(config, label_matrix: np.ndarray | None = None, *, weights
         gcn_activation=config.gcn_activation,
         gcn_normalize=getattr(config, "gcn_normalize", True),
         gcn_lr_scale=getattr(config, "gcn_lr_scale", 1.0),
+        gcn_center=getattr(config, "gcn_center", False),
     )

@@ -64,6 +64,9 @@ class CPGCN(nn.Module):
         the paper's score up to a shared magnitude and trains stably.
     gcn_lr_scale
         Learning-rate factor of the label-GCN weights (see :meth:`param_groups`).
+    gcn_center
+        Subtract the mean over classes from the GCN outputs (removes the component all l_c
+        share; an experiment, off by default).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class CPGCN(nn.Module):
         gcn_activation: str = "leaky_relu",
         gcn_normalize: bool = True,
         gcn_lr_scale: float = 1.0,
+        gcn_center: bool = False,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -85,6 +89,7 @@ class CPGCN(nn.Module):
         self.variant = variant
         self.n_classes = n_classes
         self.gcn_lr_scale = float(gcn_lr_scale)
+        self.gcn_center = bool(gcn_center)
         self.backbone = backbone
         d = backbone.out_channels
         self.cpm: ClassPerceptionModule | None = None
@@ -116,6 +121,8 @@ class CPGCN(nn.Module):
             return self.class_weight
         assert self.gcn is not None
         w = self.gcn()
+        if self.gcn_center:
+            w = w - w.mean(dim=0, keepdim=True)
         if self.gcn_normalize:
             w = F.normalize(w, dim=1) * self.gcn_log_scale.exp()
         return w

@@ -158,6 +158,8 @@ class ImageModelConfig(TrainConfig):
         Unit-normalise the GCN classifiers l_c (times one learned scale) for stable training.
     gcn_lr_scale
         Learning-rate factor of the label-GCN weights (their Adam steps move every l_c at once).
+    gcn_center
+        Subtract the class mean from the GCN outputs before use (experimental, off).
     oaa, oaa_threshold, oaa_size
         Online attention accumulation on/off, the probability a positive class needs for its map
         to be accumulated, and the side of the stored maps.
@@ -183,6 +185,7 @@ class ImageModelConfig(TrainConfig):
     gcn_activation: str = "leaky_relu"
     gcn_normalize: bool = True
     gcn_lr_scale: float = 0.01
+    gcn_center: bool = False
     oaa: bool = True
     oaa_threshold: float = 0.5
     oaa_size: int = 32
