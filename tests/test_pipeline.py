@@ -221,3 +221,19 @@ def test_refinement_interrupt_and_resume_is_identical(trained_run, synth_data, t
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_refinement_keeps_the_image_models_learning_rate_groups():
+    """The sub-class wrapper passes the base model's Adam groups on (slow label GCN), plus its head."""
+    from napari_cpgcn.models import build_image_model
+    from napari_cpgcn.training.config import ImageModelConfig
+    from napari_cpgcn.training.subcategory import SubcategoryModel
+
+    cfg = ImageModelConfig(backbone="resnet18", variant="cpgcn", image_size=32, gcn_lr_scale=0.01)
+    base = build_image_model(cfg, np.eye(N_CLASSES, dtype=np.uint8), weights=None)
+    model = SubcategoryModel(base, n_sub=N_CLASSES * 2)
+    groups = model.param_groups(1e-3)
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-5])
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    assert in_groups == {id(p) for p in model.parameters() if p.requires_grad}
+    assert all(id(p) in {id(q) for q in groups[0]["params"]} for p in model.sub_head.parameters())

@@ -147,6 +147,19 @@ def SubcategoryModel(base, n_sub: int):  # noqa: N802 - a factory that keeps tor
             sub = self.sub_head(F.adaptive_avg_pool2d(feats, 1).flatten(1))
             return logits, cams, sub
 
+        def param_groups(self, lr: float) -> list[dict]:
+            """The base model's Adam groups (e.g. the slower label GCN), the sub-class head at ``lr``.
+
+            Without this the engine would train the GCN at the full rate during refinement,
+            unlike the image model it starts from.
+            """
+            if callable(getattr(self.base, "param_groups", None)):
+                groups = self.base.param_groups(lr)
+            else:
+                groups = [{"params": [p for p in self.base.parameters() if p.requires_grad], "lr": lr}]
+            groups[0]["params"] = list(groups[0]["params"]) + list(self.sub_head.parameters())
+            return groups
+
     return _SubcategoryModel()
 
 
