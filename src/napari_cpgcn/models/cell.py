@@ -99,8 +99,6 @@ def crop_cell(
     pad
         Margin around the bbox, as a fraction of its longer side, on each side.
     """
-    from skimage.transform import resize
-
     from napari_cpgcn.io.hpa import to_float
 
     ty, tx, side = _square_box(tuple(int(v) for v in bbox), pad)
@@ -114,8 +112,13 @@ def crop_cell(
             patch = patch * (np.asarray(cells[sy0:sy1, sx0:sx1]) == cell_id)[None]
         out[:, sy0 - ty:sy1 - ty, sx0 - tx:sx1 - tx] = patch
     if side != size:
-        out = resize(out, (out.shape[0], size, size), order=1, mode="constant",
-                     anti_aliasing=side > 2 * size, preserve_range=True).astype(np.float32)
+        # torch's antialiased bilinear resize: ~25x faster than scikit-image's Gaussian
+        # anti-aliasing on ~400 px crops, which dominated the cell stage of batch prediction.
+        t = torch.from_numpy(out)[None]
+        out = torch.nn.functional.interpolate(
+            t, size=(size, size), mode="bilinear", antialias=side > size, align_corners=False
+        )[0].numpy()
+        np.clip(out, 0.0, 1.0, out=out)  # bilinear overshoot of ~1e-6
     return out
 
 
