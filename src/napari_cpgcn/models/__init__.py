@@ -53,7 +53,8 @@ def build_image_model(config, label_matrix: np.ndarray | None = None, *, weights
     mean = tuple(config.mean) if config.mean is not None else DEFAULT_MEAN
     std = tuple(config.std) if config.std is not None else DEFAULT_STD
     init = config.imagenet_weights if weights == "config" else weights
-    backbone = Backbone(config.backbone, in_chans=4, weights=init, mean=mean, std=std)
+    backbone = Backbone(config.backbone, in_chans=4, weights=init, mean=mean, std=std,
+                        output_stride=getattr(config, "output_stride", 32))
     word_vectors = adjacency = None
     if config.variant in ("cpgcn", "mlgcn"):
         word_vectors = load_label_vectors()

@@ -2,7 +2,7 @@
 
 Every backbone takes (B, 4, Y, X) images in [0, 1] (channel order red, green, blue, yellow),
 normalises them with per-channel mean/std buffers (so a checkpoint carries its own
-normalisation), and returns the last feature map (B, D, Y/32, X/32).
+normalisation), and returns the last feature map (B, D, Y/32, X/32), or Y/16 with ``output_stride=16``.
 
 ImageNet weights are never downloaded: they are read from a given path or from the torch hub
 cache (``torch.hub.get_dir()/checkpoints/<torchvision file name>``). When they are requested
@@ -130,6 +130,22 @@ def _fix_densenet_keys(state: dict) -> dict:
     return out
 
 
+def _dilate_last_stage(stage: nn.Sequential) -> None:
+    """Output stride 32 → 16: stride 1 in the stage's first block, dilation 2 in the others.
+
+    The pattern of torchvision's ``replace_stride_with_dilation`` (which refuses the BasicBlock
+    ResNets 18/34); no weight changes shape, so ImageNet weights load as before.
+    """
+    for i, block in enumerate(stage):
+        for conv in block.modules():
+            if not isinstance(conv, nn.Conv2d):
+                continue
+            if i == 0:
+                conv.stride = (1, 1)
+            elif conv.kernel_size == (3, 3):
+                conv.dilation, conv.padding = (2, 2), (2, 2)
+
+
 class Backbone(nn.Module):
     """A torchvision CNN trunk taking four-channel images in [0, 1].
 
@@ -146,6 +162,11 @@ class Backbone(nn.Module):
     mean, std
         Per-channel normalisation applied to the [0, 1] input; stored as buffers so checkpoints
         carry them.
+    output_stride
+        32 (the torchvision network) or 16: the last ResNet stage keeps the resolution and
+        dilates its convolutions instead (``replace_stride_with_dilation=[False, False, True]``,
+        as in DeepLab / weakly supervised segmentation), giving a 2× finer class-map grid with
+        the same weights. ResNets only.
 
     Attributes
     ----------
@@ -162,6 +183,7 @@ class Backbone(nn.Module):
         weights: str | Path | None = None,
         mean: Sequence[float] = DEFAULT_MEAN,
         std: Sequence[float] = DEFAULT_STD,
+        output_stride: int = 32,
     ) -> None:
         super().__init__()
         import torchvision.models as tvm
@@ -173,7 +195,14 @@ class Backbone(nn.Module):
         self.name = name
         self.in_chans = in_chans
         self.out_channels = BACKBONES[name][2]
+        if output_stride not in (16, 32):
+            raise ValueError(f"output_stride must be 16 or 32, got {output_stride!r}")
+        if output_stride != 32 and not name.startswith("resnet"):
+            raise ValueError(f"output_stride {output_stride} needs a ResNet backbone, not {name!r}")
+        self.output_stride = int(output_stride)
         net = getattr(tvm, BACKBONES[name][0])(weights=None)
+        if output_stride == 16:
+            _dilate_last_stage(net.layer4)
         self.weights_source = "random"
         path = self._resolve_weights(weights)
         if path is not None:

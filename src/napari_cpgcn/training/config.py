@@ -150,6 +150,9 @@ class ImageModelConfig(TrainConfig):
     imagenet_weights
         ``"imagenet"`` (torch hub cache, fall back to random init with a message), a file path,
         or ``None`` (random init).
+    output_stride
+        ResNet feature stride: 32 (the paper) or 16 (last stage dilated; a 2× finer class-map
+        grid, see docs/cell_pipeline.md "CAM localisation: diagnosis").
     cpm_norm
         CPM spatial normalisation: ``"sigmoid"`` (σ(a)/Σσ(a), default) or ``"softmax"``.
     tau, gcn_hidden, gcn_activation
@@ -179,6 +182,7 @@ class ImageModelConfig(TrainConfig):
     variant: str = "cpgcn"
     image_size: int = 512
     imagenet_weights: str | None = "imagenet"
+    output_stride: int = 32
     cpm_norm: str = "sigmoid"
     tau: float = 0.3
     gcn_hidden: int = 1024
@@ -208,6 +212,10 @@ class ImageModelConfig(TrainConfig):
             raise ConfigError(f"variant {self.variant!r} unknown; choose one of {', '.join(VARIANTS)}")
         if self.image_size < 32:
             raise ConfigError(f"image_size must be >= 32, got {self.image_size}")
+        if self.output_stride not in (16, 32):
+            raise ConfigError(f"output_stride must be 16 or 32, got {self.output_stride!r}")
+        if self.output_stride != 32 and not self.backbone.startswith("resnet"):
+            raise ConfigError(f"output_stride {self.output_stride} needs a ResNet backbone, not {self.backbone!r}")
         if self.cpm_norm not in ("softmax", "sigmoid"):
             raise ConfigError(f"cpm_norm must be 'softmax' or 'sigmoid', got {self.cpm_norm!r}")
         if self.gcn_activation not in ("leaky_relu", "relu"):
