@@ -15,8 +15,8 @@ CORE_NO_QT = ["napari_cpgcn.models", "napari_cpgcn.training", "napari_cpgcn.pipe
 
 def _imported(module: str) -> set[str]:
     code = (
-        "import importlib, sys; importlib.import_module(%r); "
-        "print(' '.join(sorted(m.split('.')[0] for m in sys.modules)))" % module
+        f"import importlib, sys; importlib.import_module({module!r}); "
+        "print(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return set(out.stdout.split())

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import ARCHIVE_JPEG_IDS, KAGGLE2018_ID, KAGGLE2021_IDS
 from PIL import Image
 
-from conftest import ARCHIVE_JPEG_IDS, KAGGLE2018_ID, KAGGLE2021_IDS
 from napari_cpgcn.classes import CHANNELS, CLASSES, N_CLASSES, class_by_name
 from napari_cpgcn.io import (
     HPAImageError,
@@ -27,7 +27,7 @@ from napari_cpgcn.io.tables import LabelsCSVError, LabelTable, write_labels_csv
 
 def write_channels(folder: Path, image_id: str, data: np.ndarray, ext: str = "png") -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for c, plane in zip(CHANNELS, data):
+    for c, plane in zip(CHANNELS, data, strict=True):
         Image.fromarray(plane).save(folder / f"{image_id}_{c}.{ext}")
 
 
@@ -94,7 +94,7 @@ def test_roundtrip_png(tmp_path, dtype):
 
 def test_archive_tif_gz(tmp_path):
     data = random_image(dtype=np.uint16)
-    for c, plane in zip(CHANNELS, data):
+    for c, plane in zip(CHANNELS, data, strict=True):
         raw = tmp_path / "x.tif"
         tifffile.imwrite(raw, plane)
         with open(raw, "rb") as src, gzip.open(tmp_path / f"12_A1_3_{c}.tif.gz", "wb") as dst:

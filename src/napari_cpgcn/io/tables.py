@@ -45,7 +45,7 @@ class LabelTable:
 
     def as_dict(self) -> dict[str, np.ndarray]:
         """``{image id: multi-hot vector}``."""
-        return dict(zip(self.ids, self.labels))
+        return dict(zip(self.ids, self.labels, strict=True))
 
     def subset(self, ids: Iterable[str]) -> LabelTable:
         """The rows of the given ids, in that order."""
@@ -140,5 +140,5 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def write_labels_csv(path: str | Path, table: LabelTable) -> None:
     """Write a Kaggle-format labels CSV atomically."""
-    lines = ["ID,Label"] + [f"{i},{format_label_string(v)}" for i, v in zip(table.ids, table.labels)]
+    lines = ["ID,Label"] + [f"{i},{format_label_string(v)}" for i, v in zip(table.ids, table.labels, strict=True)]
     atomic_write_text(path, "\n".join(lines) + "\n")
