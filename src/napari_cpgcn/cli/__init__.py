@@ -6,7 +6,8 @@ Each subcommand lives in its own module ``napari_cpgcn.cli._<name>`` exposing
 ``napari-cpgcn --help`` is fast.
 
 Exit codes that scripts can trust:
-0 success, 1 failure, 2 bad usage, 3 partial (some images failed, the rest done).
+0 success, 1 failure, 2 bad usage, 3 partial (some images failed, the rest done),
+130 interrupted (rerun to resume).
 """
 
 from __future__ import annotations
@@ -22,18 +23,20 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
+#: Interrupted (Ctrl-C or a stop request); finished outputs are kept, rerun to resume.
+EXIT_INTERRUPTED = 130
 
 #: Subcommand modules, in the order ``--help`` lists them.
 SUBCOMMANDS: list[str] = [
     "_synth",
     "_segment",
+    "_train_image",
     "_train",
     "_predict",
+    "_evaluate",
     "_export_kaggle",
     "_demo",
     "_info",
-    "_train_image",
-    "_evaluate",
 ]
 
 log = logging.getLogger("napari_cpgcn")
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         log.error("interrupted; finished outputs are kept, rerun to resume")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

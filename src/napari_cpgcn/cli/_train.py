@@ -12,11 +12,15 @@ import argparse
 import logging
 from pathlib import Path
 
-from napari_cpgcn.cli import EXIT_FAILURE, EXIT_OK, UsageError, add_common_arguments
+from napari_cpgcn.cli import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    UsageError,
+    add_common_arguments,
+)
 
 log = logging.getLogger("napari_cpgcn.cli.train")
-
-EXIT_STOPPED = 130
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -215,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
             if ev.kind == EventKind.STOPPED:
                 bars.close()
                 log.warning("%s", ev.message)
-                return EXIT_STOPPED
+                return EXIT_INTERRUPTED
             if ev.kind == EventKind.DONE:
                 bars.close()
                 log.info("done: the trained pipeline is in %s (predict with `napari-cpgcn predict ... --model %s`)",
@@ -226,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         log.error("interrupted; finished stages and the last finished epoch are kept; rerun the same command "
                   "to resume")
-        return EXIT_STOPPED
+        return EXIT_INTERRUPTED
     finally:
         bars.close()
     return EXIT_OK

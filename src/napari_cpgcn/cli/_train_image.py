@@ -6,11 +6,15 @@ import argparse
 import logging
 from pathlib import Path
 
-from napari_cpgcn.cli import EXIT_FAILURE, EXIT_OK, UsageError, add_common_arguments
+from napari_cpgcn.cli import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    UsageError,
+    add_common_arguments,
+)
 
 log = logging.getLogger("napari_cpgcn.cli.train_image")
-
-EXIT_STOPPED = 130
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -129,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
                 log.debug(ev.message)  # the library has logged it already
             elif ev.kind == EventKind.STOPPED:
                 log.warning(ev.message)
-                return EXIT_STOPPED
+                return EXIT_INTERRUPTED
             elif ev.kind == EventKind.DONE:
                 res = ev.result
                 log.info("done: best validation mAP %.4f at epoch %d; checkpoints in %s",
@@ -140,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         log.error("interrupted; %s keeps the last finished epoch, rerun the same command to resume",
                   out / "latest.pt")
-        return EXIT_STOPPED
+        return EXIT_INTERRUPTED
     finally:
         if bar is not None:
             bar.close()
