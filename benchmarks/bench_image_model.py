@@ -62,12 +62,16 @@ def worker(args: argparse.Namespace) -> None:
     train_dir, test_dir = Path(args.train_dir), Path(args.test_dir)
     tag = "" if (args.cpm_norm, args.gcn_lr_scale, args.gcn_center) == ("sigmoid", 0.01, 0) \
         else f"_{args.cpm_norm}_g{args.gcn_lr_scale}_c{args.gcn_center}"
+    tag += (f"_res{args.gcn_residual_std:g}" if args.gcn_residual_std else "_res") if args.gcn_residual else ""
+    tag += "_learnv" if args.gcn_learn_inputs else ""
     run = Path(args.work) / "runs" / f"{args.variant.replace('+', '_')}_seed{args.seed}{tag}"
     cfg = ImageModelConfig(
         backbone=args.backbone, variant=args.variant, image_size=args.image_size, batch_size=args.batch_size,
         epochs=args.epochs, lr=args.lr, seed=args.seed, device="cpu", imagenet_weights=None,
         val_fraction=0.0, gcn_hidden=args.gcn_hidden, oaa=False, lr_schedule=args.lr_schedule,
         cpm_norm=args.cpm_norm, gcn_lr_scale=args.gcn_lr_scale, gcn_center=bool(args.gcn_center),
+        gcn_residual=bool(args.gcn_residual), gcn_residual_std=args.gcn_residual_std,
+        gcn_learn_inputs=bool(args.gcn_learn_inputs),
         cache_dir=str(Path(args.work) / "cache" / f"{train_dir.name}_{args.image_size}"),
     )
     secs = []
@@ -140,6 +144,12 @@ def main() -> int:
     ap.add_argument("--cpm-norm", default="sigmoid", choices=["sigmoid", "softmax"])
     ap.add_argument("--gcn-lr-scale", type=float, default=0.01, help="learning-rate factor of the label GCN")
     ap.add_argument("--gcn-center", type=int, default=0, help="1: subtract the class mean from the GCN outputs")
+    ap.add_argument("--gcn-residual", type=int, default=0,
+                    help="1: classifier = GCN output + a free per-class vector (starts at zero)")
+    ap.add_argument("--gcn-residual-std", type=float, default=0.0,
+                    help="initial std of the residual vectors in units of 1/sqrt(D) (0: zero)")
+    ap.add_argument("--gcn-learn-inputs", type=int, default=0,
+                    help="1: train the GCN node inputs (initialised from the word vectors)")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=1, help="torch threads per training process")
@@ -168,7 +178,8 @@ def main() -> int:
                 cmd = [sys.executable, __file__, "--worker", "--variant", v, "--seed", str(seed),
                        "--train-dir", str(train_dir), "--test-dir", str(test_dir)]
                 for k in ("work", "image_size", "backbone", "epochs", "batch_size", "lr", "lr_schedule",
-                          "gcn_hidden", "threads", "cpm_norm", "gcn_lr_scale", "gcn_center"):
+                          "gcn_hidden", "threads", "cpm_norm", "gcn_lr_scale", "gcn_center",
+                          "gcn_residual", "gcn_residual_std", "gcn_learn_inputs"):
                     cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
                 t0 = time.perf_counter()
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
@@ -181,7 +192,8 @@ def main() -> int:
                 print(f"# {v:8s} seed {seed}: test mAP {r['mAP']:.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
         print()
         print(f"Image-level ablation: {args.backbone} from scratch, {args.image_size}² input, "
-              f"{args.epochs} epochs, batch {args.batch_size}, Adam {args.lr}, focal loss, CPM {args.cpm_norm}, GCN lr x{args.gcn_lr_scale}, GCN centred {bool(args.gcn_center)}; "
+              f"{args.epochs} epochs, batch {args.batch_size}, Adam {args.lr}, focal loss, CPM {args.cpm_norm}, GCN lr x{args.gcn_lr_scale}, GCN centred {bool(args.gcn_center)}, "
+              f"GCN residual {bool(args.gcn_residual)} (init std {args.gcn_residual_std:g}/sqrt(D)), learnable GCN inputs {bool(args.gcn_learn_inputs)}; "
               f"train {args.n_train} / test {args.n_test} synthetic images ({args.size}², heterogeneity "
               f"{args.heterogeneity}); seeds {args.seeds}; {args.threads} torch thread(s)")
         print()

@@ -204,6 +204,56 @@ def test_cpgcn_logit_is_inner_product_of_t_and_l():
         torch.testing.assert_close(centred.classifiers(), expected_l)
 
 
+def test_gcn_learnable_inputs():
+    v = load_label_vectors()
+    fixed = LabelGCN(v, np.eye(19), out_features=8, hidden=4)
+    learn = LabelGCN(v, np.eye(19), out_features=8, hidden=4, learn_inputs=True)
+    assert "word_vectors" not in dict(fixed.named_parameters())
+    assert isinstance(learn.word_vectors, torch.nn.Parameter)
+    torch.testing.assert_close(learn.word_vectors.detach(), torch.from_numpy(v))
+    # same state-dict keys: a checkpoint of either kind loads into the other
+    assert set(fixed.state_dict()) == set(learn.state_dict())
+    learn.load_state_dict(fixed.state_dict(), strict=True)
+    learn().pow(2).sum().backward()
+    assert learn.word_vectors.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", ["cpgcn", "mlgcn"])
+def test_gcn_residual_classifier_and_param_groups(variant):
+    cfg = ImageModelConfig(backbone="resnet18", variant=variant, imagenet_weights=None, gcn_hidden=16)
+    torch.manual_seed(0)
+    plain = build_image_model(cfg, label_matrix=np.eye(N_CLASSES))
+    torch.manual_seed(0)
+    model = build_image_model(cfg.replace(gcn_residual=True, gcn_learn_inputs=True),
+                              label_matrix=np.eye(N_CLASSES))
+    assert model.class_residual.shape == (N_CLASSES, model.backbone.out_channels)
+    with torch.no_grad():
+        # r_c starts at zero: the same classifiers as the plain GCN at initialisation
+        torch.testing.assert_close(model.classifiers(), plain.classifiers())
+        model.class_residual.add_(1.0)
+        torch.testing.assert_close(model.classifiers(), plain.classifiers() + 1.0)
+    logits, cams = model(torch.rand(2, 4, 64, 64))
+    (logits.sum() + cams.sum()).backward()
+    assert model.class_residual.grad.abs().sum() > 0 and model.gcn.word_vectors.grad.abs().sum() > 0
+    # node inputs train at the full lr, the GCN weights at lr * gcn_lr_scale
+    groups = model.param_groups(1e-3)
+    full = {id(p) for g in groups if g["lr"] == 1e-3 for p in g["params"]}
+    slow = {id(p) for g in groups if g["lr"] < 1e-3 for p in g["params"]}
+    assert id(model.gcn.word_vectors) in full and id(model.class_residual) in full
+    assert id(model.gcn.gc1.weight) in slow and id(model.gcn.gc2.weight) in slow
+    # a checkpoint of the plain model has no r_c: loading it into a residual model is refused
+    with pytest.raises(RuntimeError, match="class_residual"):
+        model.load_state_dict(plain.state_dict(), strict=True)
+    # r_c started like the cnn+cpm classifier: std 1/sqrt(D)
+    rand = build_image_model(cfg.replace(gcn_residual=True, gcn_residual_std=1.0), label_matrix=np.eye(N_CLASSES))
+    d = rand.backbone.out_channels
+    assert abs(float(rand.class_residual.detach().std()) * d ** 0.5 - 1.0) < 0.1
+    from napari_cpgcn.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="gcn_residual_std"):
+        cfg.replace(gcn_residual_std=-1.0)
+
+
 def test_unknown_backbone_and_variant():
     with pytest.raises(ValueError, match="unknown backbone"):
         Backbone("vgg16")

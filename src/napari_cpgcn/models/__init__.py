@@ -80,4 +80,7 @@ def build_image_model(config, label_matrix: np.ndarray | None = None, *, weights
         gcn_normalize=getattr(config, "gcn_normalize", True),
         gcn_lr_scale=getattr(config, "gcn_lr_scale", 1.0),
         gcn_center=getattr(config, "gcn_center", False),
+        gcn_residual=getattr(config, "gcn_residual", False),
+        gcn_residual_std=getattr(config, "gcn_residual_std", 0.0),
+        gcn_learn_inputs=getattr(config, "gcn_learn_inputs", False),
     )

@@ -67,6 +67,17 @@ class CPGCN(nn.Module):
     gcn_center
         Subtract the mean over classes from the GCN outputs (removes the component all l_c
         share; an experiment, off by default).
+    gcn_residual
+        Classifier l_c + r_c: the GCN output plus a free per-class vector r_c that starts at
+        zero (the GCN then acts as a co-occurrence-aware initial classifier that the data can
+        correct per class; an experiment, off by default).
+    gcn_residual_std
+        Initial standard deviation of r_c in units of 1/√D (0: r_c starts at zero; 1: r_c starts
+        like the cnn+cpm classifier w_c).
+    gcn_learn_inputs
+        Train the GCN node inputs, initialised from the word vectors (lets classes with
+        identical graph neighbourhoods become distinct; trained at the full ``lr``, off by
+        default).
     """
 
     def __init__(
@@ -82,6 +93,9 @@ class CPGCN(nn.Module):
         gcn_normalize: bool = True,
         gcn_lr_scale: float = 1.0,
         gcn_center: bool = False,
+        gcn_residual: bool = False,
+        gcn_residual_std: float = 0.0,
+        gcn_learn_inputs: bool = False,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -99,10 +113,16 @@ class CPGCN(nn.Module):
         if variant in ("cpgcn", "mlgcn"):
             if word_vectors is None or adjacency is None:
                 raise ValueError(f"variant {variant!r} needs label word vectors and an adjacency")
-            self.gcn = LabelGCN(word_vectors, adjacency, d, hidden=gcn_hidden, activation=gcn_activation)
+            self.gcn = LabelGCN(word_vectors, adjacency, d, hidden=gcn_hidden, activation=gcn_activation,
+                                learn_inputs=gcn_learn_inputs)
             self.gcn_normalize = bool(gcn_normalize)
             if self.gcn_normalize:
                 self.gcn_log_scale = nn.Parameter(torch.zeros(()))
+            self.gcn_residual = bool(gcn_residual)
+            if self.gcn_residual:
+                self.class_residual = nn.Parameter(torch.zeros(n_classes, d))
+                if gcn_residual_std > 0:
+                    nn.init.normal_(self.class_residual, std=float(gcn_residual_std) / d ** 0.5)
         if variant == "cnn":
             self.fc = nn.Linear(d, n_classes)
         elif variant == "cnn+cpm":
@@ -125,17 +145,25 @@ class CPGCN(nn.Module):
             w = w - w.mean(dim=0, keepdim=True)
         if self.gcn_normalize:
             w = F.normalize(w, dim=1) * self.gcn_log_scale.exp()
+        if self.gcn_residual:
+            w = w + self.class_residual
         return w
 
     def param_groups(self, lr: float) -> list[dict]:
         """Adam groups: the label-GCN weights at ``lr * gcn_lr_scale``, the rest at ``lr``.
 
+        Trainable GCN node inputs (``gcn_learn_inputs``) belong to the rest: each row is one
+        class's input, like a row of a linear classifier.
+
         Every GCN weight feeds every class vector l_c, so one Adam step (each weight moves by
         about ``lr``) turns the class vectors by tens of percent at lr 1e-3 while a linear
         classifier's rows move by about 2 %; the smaller rate puts both on the same footing.
         """
-        gcn = [p for n, p in self.named_parameters() if n.startswith("gcn.") and p.requires_grad]
-        rest = [p for n, p in self.named_parameters() if not n.startswith("gcn.") and p.requires_grad]
+        def slow(name: str) -> bool:
+            return name.startswith("gcn.") and name != "gcn.word_vectors"
+
+        gcn = [p for n, p in self.named_parameters() if slow(n) and p.requires_grad]
+        rest = [p for n, p in self.named_parameters() if not slow(n) and p.requires_grad]
         groups = [{"params": rest, "lr": lr}]
         if gcn:
             groups.append({"params": gcn, "lr": lr * self.gcn_lr_scale})

@@ -96,7 +96,8 @@ class GraphConvolution(nn.Module):
 class LabelGCN(nn.Module):
     """Two-layer GCN over the label graph: node word vectors V (C, E) → classifiers L (C, D).
 
-    The word vectors and the adjacency are buffers, so they travel inside checkpoints.
+    The word vectors and the adjacency are buffers (the word vectors a parameter with
+    ``learn_inputs``), so they travel inside checkpoints.
 
     Parameters
     ----------
@@ -110,16 +111,24 @@ class LabelGCN(nn.Module):
         Width of the hidden layer (ML-GCN: 1024).
     activation
         ``"leaky_relu"`` (ML-GCN, slope 0.2) or ``"relu"`` (the paper's text).
+    learn_inputs
+        Make the node inputs a trainable parameter initialised from ``word_vectors`` (default:
+        fixed buffer, as in ML-GCN). Either way the state-dict key is ``word_vectors``.
     """
 
     def __init__(self, word_vectors: np.ndarray | torch.Tensor, adjacency: np.ndarray | torch.Tensor,
-                 out_features: int, hidden: int = 1024, activation: str = "leaky_relu") -> None:
+                 out_features: int, hidden: int = 1024, activation: str = "leaky_relu",
+                 learn_inputs: bool = False) -> None:
         super().__init__()
         v = torch.as_tensor(np.asarray(word_vectors), dtype=torch.float32)
         a = torch.as_tensor(np.asarray(adjacency), dtype=torch.float32)
         if a.shape != (v.shape[0], v.shape[0]):
             raise ValueError(f"adjacency {tuple(a.shape)} does not fit {v.shape[0]} label vectors")
-        self.register_buffer("word_vectors", v)
+        self.learn_inputs = bool(learn_inputs)
+        if self.learn_inputs:
+            self.word_vectors = nn.Parameter(v.clone())
+        else:
+            self.register_buffer("word_vectors", v)
         self.register_buffer("adjacency", a)
         self.gc1 = GraphConvolution(v.shape[1], hidden)
         self.gc2 = GraphConvolution(hidden, out_features)

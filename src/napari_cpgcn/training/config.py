@@ -163,6 +163,12 @@ class ImageModelConfig(TrainConfig):
         Learning-rate factor of the label-GCN weights (their Adam steps move every l_c at once).
     gcn_center
         Subtract the class mean from the GCN outputs before use (experimental, off).
+    gcn_residual
+        Classifier l_c + r_c with a free per-class vector r_c (experimental).
+    gcn_residual_std
+        Initial std of r_c in units of 1/√D (0: starts at zero; 1: like the cnn+cpm w_c).
+    gcn_learn_inputs
+        Train the GCN node inputs, initialised from the GloVe word vectors (experimental).
     oaa, oaa_threshold, oaa_size
         Online attention accumulation on/off, the probability a positive class needs for its map
         to be accumulated, and the side of the stored maps.
@@ -190,6 +196,9 @@ class ImageModelConfig(TrainConfig):
     gcn_normalize: bool = True
     gcn_lr_scale: float = 0.01
     gcn_center: bool = False
+    gcn_residual: bool = False
+    gcn_residual_std: float = 0.0
+    gcn_learn_inputs: bool = False
     oaa: bool = True
     oaa_threshold: float = 0.5
     oaa_size: int = 32
@@ -222,6 +231,8 @@ class ImageModelConfig(TrainConfig):
             raise ConfigError(f"gcn_activation must be 'leaky_relu' or 'relu', got {self.gcn_activation!r}")
         if not self.gcn_lr_scale > 0:
             raise ConfigError(f"gcn_lr_scale must be > 0, got {self.gcn_lr_scale}")
+        if not self.gcn_residual_std >= 0:
+            raise ConfigError(f"gcn_residual_std must be >= 0, got {self.gcn_residual_std}")
         if not 0.0 <= self.tau < 1.0:
             raise ConfigError(f"tau must be in [0, 1), got {self.tau}")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
