@@ -866,6 +866,17 @@ def predict_folder(input_dir: str | Path, model: str | Path | Any, out_dir: str 
         writer.shutdown(wait=True)
 
     summary.failures = failures
+    yield from finish_run(out, ids, options, settings, summary, stage_sums, handled, stopped, t_start)
+
+
+def finish_run(out: Path, ids: list[str], options, settings: dict, summary: BatchSummary,
+               stage_sums: dict[str, float], handled: int, stopped: bool,
+               t_start: float) -> Iterator[Event]:
+    """End a folder run, in-process or on a cluster: timing, then STOPPED, or the run-level CSVs + DONE.
+
+    The run-level files are assembled from the per-image parts only when every image was
+    handled, so a stopped run never leaves a partial ``cells.csv``.
+    """
     summary.seconds = time.perf_counter() - t_start
     summary.seconds_by_stage = {k: v / summary.n_done for k, v in stage_sums.items()} if summary.n_done else {}
     if stopped:

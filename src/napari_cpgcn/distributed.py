@@ -57,12 +57,13 @@ from pathlib import Path
 from typing import Any
 
 from napari_cpgcn.batch import (
+    _RUN_JSON,
     BatchOptions,
     BatchSummary,
     ImageRecord,
     _check_run_settings,
     _record_failure,
-    assemble_outputs,
+    finish_run,
     image_paths,
     is_done,
     model_fingerprint,
@@ -94,7 +95,6 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install "napari-cpgcn[distributed]"'
 JOBQUEUE_KINDS: tuple[str, ...] = ("slurm", "lsf", "pbs")
-_RUN_JSON = "run.json"
 #: A worker-process crash blamed on the same task this many times ends it as a failure.
 DEFAULT_MAX_TRIES = 3
 #: Tasks that raise (rather than fail an image) before the run is stopped when none succeeded.
@@ -663,25 +663,7 @@ def predict_folder_distributed(
                             metrics={**{f"peak_rss_mb:{k}": v[0] for k, v in usage.items()},
                                      **{f"cpu_s:{k}": v[1] for k, v in usage.items()}})
 
-    summary.seconds = time.perf_counter() - t_start
-    summary.seconds_by_stage = {k: v / summary.n_done for k, v in stage_sums.items()} if summary.n_done else {}
-    if stopped:
-        summary.stopped = True
-        log.warning("stopped after %d of %d images; rerun to resume", handled, len(ids))
-        yield Event(EventKind.STOPPED, stage="predict", batch=handled, n_batches=len(ids),
-                    message="stopped; finished images are kept, rerun to resume", result=summary)
-        return
-    assembled = assemble_outputs(out, ids, options, failures=None)
-    summary.paths = {"out_dir": str(out), **assembled["paths"]}
-    summary.n_cells = assembled["n_cells"]
-    summary.failures = assembled["failures"]
-    summary.n_failed = len(summary.failures)
-    atomic_write_text(out / _RUN_JSON, json.dumps(
-        {"settings": settings, "status": "finished", "summary": summary.as_dict()}, indent=1))
-    yield Event(EventKind.STAGE_END, stage="predict", batch=handled, n_batches=len(ids),
-                message=f"{summary.n_done} predicted, {summary.n_skipped} skipped, {summary.n_failed} failed; "
-                        f"{summary.n_cells} cells in {out / 'cells.csv'}")
-    yield Event(EventKind.DONE, stage="predict", result=summary, path=str(out))
+    yield from finish_run(out, ids, options, settings, summary, stage_sums, handled, stopped, t_start)
 
 
 class _Stopped(Exception):
