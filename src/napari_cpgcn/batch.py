@@ -768,18 +768,9 @@ def predict_folder(input_dir: str | Path, model: str | Path | Any, out_dir: str 
         "model_fingerprint": fingerprint,
         **asdict(options),
     }
-    _check_run_settings(out, settings, options.overwrite)
-    if options.overwrite:
-        for i in ids:
-            image_paths(out, i)["done"].unlink(missing_ok=True)
-    atomic_write_text(out / _RUN_JSON, json.dumps({"settings": settings, "status": "running"}, indent=1))
-
-    todo = [i for i in ids if not is_done(out, i, options)]
-    n_skipped = len(ids) - len(todo)
-    summary = BatchSummary(n_images=len(ids), n_skipped=n_skipped)
-    yield Event(EventKind.STAGE_START, stage="predict", n_batches=len(ids), batch=n_skipped,
-                message=f"{len(ids)} images, {n_skipped} already done, {len(todo)} to predict",
-                metrics={"n_images": len(ids), "n_skipped": n_skipped, "n_todo": len(todo)})
+    todo, summary, start = start_run(out, ids, options, settings)
+    n_skipped = summary.n_skipped
+    yield start
 
     if todo:
         _apply_threads(options)
@@ -867,6 +858,30 @@ def predict_folder(input_dir: str | Path, model: str | Path | Any, out_dir: str 
 
     summary.failures = failures
     yield from finish_run(out, ids, options, settings, summary, stage_sums, handled, stopped, t_start)
+
+
+def start_run(out: Path, ids: list[str], options, settings: dict) -> tuple[list[str], BatchSummary, Event]:
+    """Begin a folder run, in-process or on a cluster: check the settings against an earlier run
+    in ``out`` (refusing another model unless overwriting), mark the run as running, and find
+    the images left to do.
+
+    Returns
+    -------
+    todo, summary, event
+        The ids still to predict, the run's summary so far, and its STAGE_START event.
+    """
+    _check_run_settings(out, settings, options.overwrite)
+    if options.overwrite:
+        for i in ids:
+            image_paths(out, i)["done"].unlink(missing_ok=True)
+    atomic_write_text(out / _RUN_JSON, json.dumps({"settings": settings, "status": "running"}, indent=1))
+    todo = [i for i in ids if not is_done(out, i, options)]
+    n_skipped = len(ids) - len(todo)
+    summary = BatchSummary(n_images=len(ids), n_skipped=n_skipped)
+    event = Event(EventKind.STAGE_START, stage="predict", n_batches=len(ids), batch=n_skipped,
+                  message=f"{len(ids)} images, {n_skipped} already done, {len(todo)} to predict",
+                  metrics={"n_images": len(ids), "n_skipped": n_skipped, "n_todo": len(todo)})
+    return todo, summary, event
 
 
 def finish_run(out: Path, ids: list[str], options, settings: dict, summary: BatchSummary,

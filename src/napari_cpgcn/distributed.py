@@ -45,7 +45,6 @@ Dask and dask-jobqueue are an optional extra: ``pip install "napari-cpgcn[distri
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import threading
@@ -57,21 +56,16 @@ from pathlib import Path
 from typing import Any
 
 from napari_cpgcn.batch import (
-    _RUN_JSON,
     BatchOptions,
-    BatchSummary,
     ImageRecord,
-    _check_run_settings,
     _record_failure,
     finish_run,
-    image_paths,
-    is_done,
     model_fingerprint,
     process_image,
     resolve_model_path,
+    start_run,
 )
 from napari_cpgcn.io.hpa import list_image_ids, resolve_images_dir
-from napari_cpgcn.io.tables import atomic_write_text
 from napari_cpgcn.training.events import Event, EventKind, ShouldStop
 
 __all__ = [
@@ -592,18 +586,9 @@ def predict_folder_distributed(
         **asdict(options),
         "cluster": "client" if client is not None else cluster,
     }
-    _check_run_settings(out, settings, options.overwrite)
-    if options.overwrite:
-        for i in ids:
-            image_paths(out, i)["done"].unlink(missing_ok=True)
-    atomic_write_text(out / _RUN_JSON, json.dumps({"settings": settings, "status": "running"}, indent=1))
-
-    todo = [i for i in ids if not is_done(out, i, options)]
-    n_skipped = len(ids) - len(todo)
-    summary = BatchSummary(n_images=len(ids), n_skipped=n_skipped)
-    yield Event(EventKind.STAGE_START, stage="predict", n_batches=len(ids), batch=n_skipped,
-                message=f"{len(ids)} images, {n_skipped} already done, {len(todo)} to predict",
-                metrics={"n_images": len(ids), "n_skipped": n_skipped, "n_todo": len(todo)})
+    todo, summary, start = start_run(out, ids, options, settings)
+    n_skipped = summary.n_skipped
+    yield start
     # A task redoes an image whatever its markers say: resume was decided here, once.
     task_options = BatchOptions(**{**asdict(options), "overwrite": True})
     stage_sums: dict[str, float] = {}
