@@ -803,15 +803,7 @@ def predict_folder(input_dir: str | Path, model: str | Path | Any, out_dir: str 
         handled += 1
         if rec.status == "failed":
             failures.append(rec)
-            summary.n_failed += 1
-        else:
-            summary.n_done += 1
-            for k, v in rec.seconds.items():
-                stage_sums[k] = stage_sums.get(k, 0.0) + v
-        return Event(EventKind.ITEM, stage="predict", batch=handled, n_batches=len(ids),
-                     message=rec.image_id if rec.status != "failed" else f"{rec.image_id} FAILED: {rec.error}",
-                     metrics={"n_cells": float(rec.n_cells), **{f"seconds_{k}": v for k, v in rec.seconds.items()}},
-                     result=rec)
+        return record_item(summary, stage_sums, rec, handled, len(ids))
 
     def drain_writes(keep: int) -> Iterator[Event]:
         while len(writes) > keep:
@@ -882,6 +874,24 @@ def start_run(out: Path, ids: list[str], options, settings: dict) -> tuple[list[
                   message=f"{len(ids)} images, {n_skipped} already done, {len(todo)} to predict",
                   metrics={"n_images": len(ids), "n_skipped": n_skipped, "n_todo": len(todo)})
     return todo, summary, event
+
+
+def record_item(summary: BatchSummary, stage_sums: dict[str, float], rec: ImageRecord,
+                handled: int, n_images: int) -> Event:
+    """Count one finished or failed image into the run's summary and stage times; its ITEM event.
+
+    Shared by the in-process and the cluster folder runs.
+    """
+    if rec.status == "failed":
+        summary.n_failed += 1
+    else:
+        summary.n_done += 1
+        for k, v in rec.seconds.items():
+            stage_sums[k] = stage_sums.get(k, 0.0) + v
+    return Event(EventKind.ITEM, stage="predict", batch=handled, n_batches=n_images,
+                 message=rec.image_id if rec.status != "failed" else f"{rec.image_id} FAILED: {rec.error}",
+                 metrics={"n_cells": float(rec.n_cells), **{f"seconds_{k}": v for k, v in rec.seconds.items()}},
+                 result=rec)
 
 
 def finish_run(out: Path, ids: list[str], options, settings: dict, summary: BatchSummary,

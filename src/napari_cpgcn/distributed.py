@@ -62,6 +62,7 @@ from napari_cpgcn.batch import (
     finish_run,
     model_fingerprint,
     process_image,
+    record_item,
     resolve_model_path,
     start_run,
 )
@@ -598,16 +599,7 @@ def predict_folder_distributed(
     def finish(rec: ImageRecord) -> Event:
         nonlocal handled
         handled += 1
-        if rec.status == "failed":
-            summary.n_failed += 1
-        else:
-            summary.n_done += 1
-            for k, v in rec.seconds.items():
-                stage_sums[k] = stage_sums.get(k, 0.0) + v
-        return Event(EventKind.ITEM, stage="predict", batch=handled, n_batches=len(ids),
-                     message=rec.image_id if rec.status != "failed" else f"{rec.image_id} FAILED: {rec.error}",
-                     metrics={"n_cells": float(rec.n_cells), **{f"seconds_{k}": v for k, v in rec.seconds.items()}},
-                     result=rec)
+        return record_item(summary, stage_sums, rec, handled, len(ids))
 
     if todo:
         ctx = contextlib.nullcontext((client, ClusterInfo(spec="client"))) if client is not None else \

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from napari_cpgcn.classes import N_CLASSES, SHORT_NAMES
-from napari_cpgcn.training.config import ConfigError, TrainConfig
+from napari_cpgcn.training.config import ConfigError, TrainConfig, check_channel_stats
 from napari_cpgcn.training.events import Event, EventKind, ShouldStop
 
 __all__ = [
@@ -96,10 +96,7 @@ class CellModelConfig(TrainConfig):
             raise ConfigError(f"crop_size must be >= 16, got {self.crop_size}")
         if not 0.0 <= self.crop_pad <= 1.0:
             raise ConfigError(f"crop_pad must be in [0, 1], got {self.crop_pad}")
-        for name in ("mean", "std"):
-            v = getattr(self, name)
-            if v is not None and len(v) != 4:
-                raise ConfigError(f"{name} needs 4 values (red, green, blue, yellow), got {v}")
+        check_channel_stats(self)
 
 
 def cell_targets(cells: pd.DataFrame, mode: str, image_labels: dict[str, np.ndarray] | None = None,

@@ -135,6 +135,14 @@ class TrainConfig:
         return cfg
 
 
+def check_channel_stats(config) -> None:
+    """Raise :class:`ConfigError` unless ``config.mean`` / ``config.std`` are None or 4 values (RGBY)."""
+    for name in ("mean", "std"):
+        v = getattr(config, name)
+        if v is not None and len(v) != 4:
+            raise ConfigError(f"{name} needs 4 values (red, green, blue, yellow), got {v}")
+
+
 @dataclass
 class ImageModelConfig(TrainConfig):
     """The CP-GCN image model and its training data (defaults = the paper).
@@ -237,7 +245,4 @@ class ImageModelConfig(TrainConfig):
             raise ConfigError(f"tau must be in [0, 1), got {self.tau}")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"crop_scale must be (min, max) within (0, 1], got {self.crop_scale}")
-        for name in ("mean", "std"):
-            v = getattr(self, name)
-            if v is not None and len(v) != 4:
-                raise ConfigError(f"{name} needs 4 values (red, green, blue, yellow), got {v}")
+        check_channel_stats(self)
