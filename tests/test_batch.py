@@ -10,14 +10,18 @@ from __future__ import annotations
 import json
 import pickle
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-from PIL import Image
+
+# ---------------------------------------------------------------------------------------------
+# A tiny deterministic predictor with the pipeline's predict() contract (test-only)
+# ---------------------------------------------------------------------------------------------
+from _fake_predictor import ThresholdPredictor  # noqa: E402
+from _fake_predictor import write_image as _write_image  # noqa: E402
 
 from napari_cpgcn import batch
 from napari_cpgcn.batch import (
@@ -31,68 +35,9 @@ from napari_cpgcn.batch import (
     process_image,
     run_predict_folder,
 )
-from napari_cpgcn.celltable import cell_geometry
-from napari_cpgcn.classes import CHANNELS, N_CLASSES, SHORT_NAMES
+from napari_cpgcn.classes import N_CLASSES, SHORT_NAMES
 from napari_cpgcn.io.rle import read_submission
 from napari_cpgcn.training.events import EventKind
-
-# ---------------------------------------------------------------------------------------------
-# A tiny deterministic predictor with the pipeline's predict() contract (test-only)
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class _Prediction:
-    image_id: str
-    image_probs: np.ndarray
-    cams: np.ndarray | None
-    cells: np.ndarray
-    table: pd.DataFrame
-
-
-class ThresholdPredictor:
-    """Cells = connected components of the blue channel; probabilities from channel means."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.lock = threading.Lock()
-
-    def predict(self, image, cells=None, segmentation="classical", with_cams=True):
-        from scipy import ndimage as ndi
-
-        with self.lock:
-            self.calls += 1
-        data = image.data.astype(np.float32) / 255.0
-        if cells is None:
-            cells, _ = ndi.label(data[2] > 0.5)
-            cells = cells.astype(np.uint32)
-        rng = np.random.default_rng(int(data.sum() * 1000) % (2**32))
-        image_probs = rng.random(N_CLASSES)
-        geo = cell_geometry(cells, image.image_id)
-        cell_p = rng.random((len(geo), N_CLASSES))
-        table = geo.copy()
-        fused = image_probs[None, :] * cell_p
-        table["top_class"] = [SHORT_NAMES[k] for k in fused.argmax(1)] if len(geo) else []
-        for k, s in enumerate(SHORT_NAMES):
-            table[f"image_{s}"] = image_probs[k]
-        for k, s in enumerate(SHORT_NAMES):
-            table[f"cell_{s}"] = cell_p[:, k]
-        for k, s in enumerate(SHORT_NAMES):
-            table[f"fused_{s}"] = fused[:, k]
-        cams = None
-        if with_cams:
-            cams = np.broadcast_to(data[1][None], (N_CLASSES, *data.shape[1:])) * image_probs[:, None, None]
-        return _Prediction(image.image_id, image_probs, cams, cells, table)
-
-
-def _write_image(folder: Path, image_id: str, rng: np.random.Generator, size: int = 48) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    blue = np.zeros((size, size), np.uint8)
-    for _ in range(rng.integers(2, 5)):
-        y, x = rng.integers(4, size - 10, 2)
-        blue[y:y + rng.integers(3, 7), x:x + rng.integers(3, 7)] = 200
-    for c in CHANNELS:
-        arr = blue if c == "blue" else rng.integers(0, 120, (size, size), dtype=np.uint8)
-        Image.fromarray(arr).save(folder / f"{image_id}_{c}.png")
 
 
 @pytest.fixture

@@ -16,21 +16,16 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-from PIL import Image
 
 pytest.importorskip("distributed")
 
 from napari_cpgcn.batch import BatchOptions, run_predict_folder  # noqa: E402
-from napari_cpgcn.celltable import cell_geometry  # noqa: E402
-from napari_cpgcn.classes import CHANNELS, N_CLASSES, SHORT_NAMES  # noqa: E402
 from napari_cpgcn.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main  # noqa: E402
 from napari_cpgcn.distributed import (  # noqa: E402
     ClusterError,
@@ -48,57 +43,8 @@ RUN_FILES = ("cells.csv", "images.csv", "failures.csv")
 
 # ----------------------------------------------------------------------------- a shippable predictor
 
-@dataclass
-class _Prediction:
-    image_id: str
-    image_probs: np.ndarray
-    cams: np.ndarray | None
-    cells: np.ndarray
-    table: pd.DataFrame
-
-
-class ThresholdPredictor:
-    """Cells = connected components of the blue channel; probabilities from the pixel values."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-
-    def __getstate__(self):  # shipped to workers once (a lock does not pickle)
-        return {}
-
-    def __setstate__(self, state):
-        self.lock = threading.Lock()
-
-    def predict(self, image, cells=None, segmentation="classical", with_cams=True):
-        from scipy import ndimage as ndi
-
-        data = image.data.astype(np.float32) / 255.0
-        cells, _ = ndi.label(data[2] > 0.5)
-        cells = cells.astype(np.uint32)
-        rng = np.random.default_rng(int(data.sum() * 1000) % (2**32))
-        image_probs = rng.random(N_CLASSES)
-        geo = cell_geometry(cells, image.image_id)
-        cell_p = rng.random((len(geo), N_CLASSES))
-        table = geo.copy()
-        fused = image_probs[None, :] * cell_p
-        table["top_class"] = [SHORT_NAMES[k] for k in fused.argmax(1)] if len(geo) else []
-        for prefix, arr in (("image", np.repeat(image_probs[None], len(geo), 0)), ("cell", cell_p), ("fused", fused)):
-            for k, s in enumerate(SHORT_NAMES):
-                table[f"{prefix}_{s}"] = arr[:, k]
-        cams = (np.broadcast_to(data[1][None], (N_CLASSES, *data.shape[1:])) * image_probs[:, None, None]
-                if with_cams else None)
-        return _Prediction(image.image_id, image_probs, cams, cells, table)
-
-
-def _write_image(folder: Path, image_id: str, rng: np.random.Generator, size: int = 48) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    blue = np.zeros((size, size), np.uint8)
-    for _ in range(rng.integers(2, 5)):
-        y, x = rng.integers(4, size - 10, 2)
-        blue[y:y + rng.integers(3, 7), x:x + rng.integers(3, 7)] = 200
-    for c in CHANNELS:
-        arr = blue if c == "blue" else rng.integers(0, 120, (size, size), dtype=np.uint8)
-        Image.fromarray(arr).save(folder / f"{image_id}_{c}.png")
+from _fake_predictor import ThresholdPredictor  # noqa: E402
+from _fake_predictor import write_image as _write_image  # noqa: E402
 
 
 @pytest.fixture
