@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
+# The venv is ~7 GB (torch is a CUDA build); do not keep a second copy of the downloads in ~/.cache.
+export PIP_NO_CACHE_DIR=1
 
 APT_PKGS="xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-image0 libxcb-render-util0 \
 libxcb-xinerama0 libxcb-xkb1 libxcb-shape0 libxcb-cursor0 libxkbcommon-x11-0 libgl1 libegl1 \

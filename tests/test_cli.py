@@ -80,14 +80,14 @@ def test_predict_bad_usage(tmp_path, hpa_samples):
 
 # ------------------------------------------------------------------------- a real trained run
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def synth_data(tmp_path_factory) -> Path:
     from napari_cpgcn.synth import generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("synth"), 8, size=96, seed=5)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def trained_run(synth_data, tmp_path_factory) -> Path:
     pipeline = pytest.importorskip("napari_cpgcn.pipeline")
     import torch
@@ -100,7 +100,8 @@ def trained_run(synth_data, tmp_path_factory) -> Path:
             pass
     finally:
         torch.set_num_threads(n)
-    return run
+    yield run
+    shutil.rmtree(run, ignore_errors=True)  # ~0.5 GB of checkpoints: free the disk for later modules
 
 
 def _predict(inp: Path, run: Path, out: Path, *extra: str) -> int:
@@ -108,7 +109,7 @@ def _predict(inp: Path, run: Path, out: Path, *extra: str) -> int:
     return main(["predict", str(inp), "--model", str(run), "--out", str(out), "-q", "--threads", "1", *extra])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def hpa_prediction(hpa_samples, trained_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pred_hpa") / "out"
     assert _predict(hpa_samples, trained_run, out, "--submission") == EXIT_OK

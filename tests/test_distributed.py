@@ -13,6 +13,7 @@ alone writes checkpoints and that both ranks end with identical weights.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -302,7 +303,8 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     cfg = pipeline.PipelineConfig.tiny(epochs=1, image_size=64).with_device("cpu")
     for _ in pipeline.train_pipeline(data, data / "train.csv", run, cfg):
         pass
-    return run, data
+    yield run, data
+    shutil.rmtree(run, ignore_errors=True)  # checkpoints: free the disk for later modules
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -40,7 +41,8 @@ def trained_run(synth_data, tmp_path_factory):
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("run")
     events = _drain(train_pipeline(synth_data / "images", synth_data / "train.csv", run, _tiny()))
-    return run, events
+    yield run, events
+    shutil.rmtree(run, ignore_errors=True)  # checkpoints: free the disk for later modules
 
 
 def test_train_pipeline_stages_and_outputs(trained_run):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -55,7 +56,8 @@ def trained(tiny, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     # lr 1e-4: six Adam steps at the default 1e-3 from random weights on 9 images overshoot.
     events = list(train_image_model(img_dir, csv, run, tiny_config(augment=False, oaa_threshold=0.0, lr=1e-4)))
-    return run, events
+    yield run, events
+    shutil.rmtree(run, ignore_errors=True)  # checkpoints: free the disk for later modules
 
 
 # ----------------------------------------------------------------------------- config, loss, data

@@ -371,10 +371,12 @@ def test_train_cancel_then_resume(make_napari_viewer, qtbot, tmp_path, synth_set
         (tmp_path / "run" / "stages.json").read_text())
     assert w.train_btn.isEnabled() and w.resume_btn.isEnabled()
 
-    with qtbot.waitSignal(w.trained, timeout=240000) as blocker:
+    trained = []
+    w.trained.connect(trained.append)
+    with qtbot.waitSignal(w.worker_finished, timeout=240000):  # ends early when training fails
         w.resume()
-    qtbot.waitUntil(lambda: w._worker is None, timeout=10000)
-    run = Path(blocker.args[0])
+    assert trained, f"resumed training did not finish:\n{w.log.toPlainText()[-3000:]}"
+    run = Path(trained[0])
     assert (run / "cell_model" / "best.pt").is_file() or (run / "cell_model" / "latest.pt").is_file()
     assert all(bar.value() == 100 for bar in w.bars.values())
     assert w.plot.loss and "image_model" in w.plot.loss
