@@ -19,6 +19,8 @@ cell model once; :meth:`Predictor.predict` segments an image (or takes given cel
 image-level probabilities and CAMs, classifies every cell crop and fuses
 ``C_final = C_image × C_cell`` (METHOD.md step 6), returning a :class:`CellPrediction` whose
 ``table`` has the shared per-cell columns (:mod:`napari_cpgcn.celltable`).
+:meth:`Predictor.iter_predict` is the same as a generator that yields a message before each
+stage, so a GUI can show progress and stop between stages.
 
 No Qt; torch is imported when a stage or a predictor needs it.
 """
@@ -30,7 +32,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -716,6 +718,34 @@ class Predictor:
         segmentation_params
             Extra keyword arguments of the segmentation.
         """
+        steps = self.iter_predict(image, cells, segmentation, with_cams, image_id=image_id,
+                                  segmentation_params=segmentation_params)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def iter_predict(
+        self,
+        image: HPAImage | np.ndarray,
+        cells: np.ndarray | None = None,
+        segmentation: str | None = "classical",
+        with_cams: bool = True,
+        *,
+        image_id: str | None = None,
+        segmentation_params: Mapping[str, Any] | None = None,
+    ) -> Generator[str, None, CellPrediction]:
+        """:meth:`predict` as a generator that can be stopped between stages.
+
+        Yields a short message (``"segmenting cells (classical)"``, ``"image model + CAMs"``,
+        ``"cell model (n cells)"``, ``"per-cell table"``) just before each stage starts and
+        returns the :class:`CellPrediction` (``StopIteration.value``; ``yield from`` gives it).
+        Stopping the iteration (not calling ``next`` again, ``close()``, or a napari
+        ``GeneratorWorker.quit()``) ends the prediction at the next stage boundary: the running
+        stage finishes, nothing after it runs, and nothing is written anywhere. The arguments
+        are those of :meth:`predict`; a wrong image shape raises before the first message.
+        """
         if isinstance(image, HPAImage):
             data, iid = image.data, image_id or image.image_id
         else:
@@ -726,6 +756,7 @@ class Predictor:
             method = segmentation or self.segmentation
             params = dict(segmentation_params or (self.config.segmentation_params if self.config
                                                   and method == self.config.segmentation else {}))
+            yield f"segmenting cells ({method})"
             cells = segment(data, method, **params)
         cells = np.asarray(cells)
         if cells.shape != data.shape[1:]:
@@ -733,9 +764,12 @@ class Predictor:
         cells = cells.astype(np.uint32, copy=False)
         from napari_cpgcn.celltable import cell_geometry
 
+        yield "image model + CAMs" if with_cams else "image model"
         image_probs, cams = self.predict_image(data, with_cams)
         geo = cell_geometry(cells, iid)
+        yield f"cell model ({len(geo)} cells)"
         cell_probs = self.predict_cells(data, cells, geo)
+        yield "per-cell table"
         table = _prediction_table(iid, cells, image_probs, cell_probs, geo)
         return CellPrediction(iid, image_probs.astype(np.float32), cams, cells, table)
 

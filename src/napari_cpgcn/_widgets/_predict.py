@@ -3,12 +3,16 @@
 The worker loads the model (cached per run and device), segments the image unless a ``cells``
 layer is there, runs the image and cell models and builds every layer tuple; the GUI thread
 then swaps the results in at once (old CAM layers out, new ones in, the ``cells`` layer's data
-and features replaced). A failure or a changed image leaves the viewer as it was.
+and features replaced). A failure, a cancel or a changed image leaves the viewer as it was.
+
+The worker body is a generator (:func:`run_prediction`) that yields a status line before each
+stage, so Cancel (``GeneratorWorker.quit()``) stops it at the next stage boundary.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,12 +81,25 @@ def run_prediction(
     segmentation: str,
     cam_threshold: float = 0.3,
     n_visible: int = 3,
-) -> PredictResult:
-    """Worker body (no Qt): predict one image and build its layer tuples."""
+) -> Generator[str, None, PredictResult]:
+    """Worker body (no Qt): predict one image and build its layer tuples.
+
+    A generator: yields a status line before each stage (model load, segmentation, image
+    model, cell model, table, layers) and returns the :class:`PredictResult`. Stopping the
+    iteration between two lines stops the prediction there. A predictor without
+    ``iter_predict`` (anything with the ``predict`` contract) runs as one stage.
+    """
     from napari_cpgcn import batch
 
+    yield "loading the model"
     predictor = batch.load_predictor(model, device)
-    pred = predictor.predict(image, cells=cells, segmentation=segmentation, with_cams=True)
+    steps = getattr(predictor, "iter_predict", None)
+    if steps is None:
+        yield "predicting"
+        pred = predictor.predict(image, cells=cells, segmentation=segmentation, with_cams=True)
+    else:
+        pred = yield from steps(image, cells=cells, segmentation=segmentation, with_cams=True)
+    yield "building layers"
     cams = [] if pred.cams is None else cam_layers(
         pred.cams, pred.image_probs, image_id=image.image_id, threshold=cam_threshold, n_visible=n_visible)
     return PredictResult(
@@ -94,17 +111,38 @@ def run_prediction(
     )
 
 
+class WorkerRuntimeError(Exception):
+    """A RuntimeError raised by the worker body, re-raised as this (its ``__cause__``).
+
+    Why: superqt's ``GeneratorWorker`` takes a RuntimeError out of a generator for a deleted
+    worker and emits neither ``errored`` nor ``finished``, so the failure would be silent and
+    Predict would stay disabled (torch's errors, out-of-memory included, are RuntimeErrors).
+    """
+
+
+def _reraise_runtime_errors(steps: Generator[str, None, Any]) -> Generator[str, None, Any]:
+    try:
+        return (yield from steps)
+    except RuntimeError as e:
+        raise WorkerRuntimeError(error_text(e)) from e
+
+
 class PredictWidget(QWidget):
     """Dock widget: choose a trained run and device, predict the current image."""
 
     #: Emitted (image id) once the results are in the viewer.
     predicted = Signal(str)
+    #: Emitted (image id) when a cancelled prediction has stopped (the viewer is unchanged).
+    cancelled = Signal(str)
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.result: PredictResult | None = None
         self._worker = None
+        self._image_id = ""  # of the running prediction
+        self._cancelling = False
+        self._error = False
 
         self.run_combo = QComboBox()
         self.run_combo.setEditable(True)
@@ -133,6 +171,14 @@ class PredictWidget(QWidget):
         self.color_by_class.toggled.connect(self._apply_colors)
         self.predict_btn = QPushButton("Predict")
         self.predict_btn.clicked.connect(self.predict)
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setToolTip("stop the prediction when the current stage ends (model load, "
+                                   "segmentation, image model, cell model); the viewer stays unchanged")
+        self.cancel_btn.setEnabled(False)
+        self.cancel_btn.clicked.connect(self.cancel)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.predict_btn, 1)
+        buttons.addWidget(self.cancel_btn)
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self.probs_label = QLabel("")
@@ -148,7 +194,7 @@ class PredictWidget(QWidget):
         lay = QVBoxLayout(self)
         lay.addLayout(form)
         lay.addWidget(self.color_by_class)
-        lay.addWidget(self.predict_btn)
+        lay.addLayout(buttons)
         lay.addWidget(self.status)
         lay.addWidget(self.probs_label)
         lay.addWidget(self.table, 1)
@@ -207,27 +253,55 @@ class PredictWidget(QWidget):
         prepare_torch()
         update_settings(last_run=run, device=device)
         self.predict_btn.setEnabled(False)
+        self.cancel_btn.setEnabled(True)
+        self._image_id, self._cancelling, self._error = image.image_id, False, False
         self.status.setText(f"predicting {image.image_id} with {Path(run).name} on {device} …")
+        steps = run_prediction(run, device, image, cells, seg,
+                               float(self.threshold.value()), int(self.n_visible.value()))
         self._worker = start_worker(
-            run_prediction, run, device, image, cells, seg,
-            float(self.threshold.value()), int(self.n_visible.value()),
+            _reraise_runtime_errors, steps,
+            on_yield=self._progress,
             on_return=self._apply,
             on_error=self._failed,
             on_finish=self._finished,
         )
 
+    def cancel(self) -> None:
+        """Stop the running prediction when its current stage ends; the viewer stays unchanged."""
+        if self._worker is None or self._cancelling:
+            return
+        self._cancelling = True
+        self._worker.quit()  # the worker stops at its next yield, i.e. the next stage boundary
+        self.cancel_btn.setEnabled(False)
+        self.status.setText(f"cancelling {self._image_id} after the current stage …")
+
+    def _progress(self, message: str) -> None:
+        if not self._cancelling:
+            self.status.setText(f"{self._image_id}: {message} …")
+
     def _failed(self, exc: BaseException) -> None:
+        if isinstance(exc, WorkerRuntimeError) and exc.__cause__ is not None:
+            exc = exc.__cause__
+        self._error = True
         self.status.setText("prediction failed; the viewer is unchanged")
         notify_error(f"prediction failed: {error_text(exc)}", exc)
 
     def _finished(self) -> None:
         self._worker = None
         self.predict_btn.setEnabled(True)
+        self.cancel_btn.setEnabled(False)
+        if self._cancelling:
+            self._cancelling = False
+            if not self._error:
+                self.status.setText("prediction cancelled; the viewer is unchanged")
+                self.cancelled.emit(self._image_id)
 
     def _apply(self, res: PredictResult) -> None:
         """Put a prediction into the viewer in one go (GUI thread)."""
         from napari.layers import Layer
 
+        if self._cancelling:  # Cancel came after the worker's last stage: drop the result
+            return
         image = current_image(self.viewer)
         if image is None or image.image_id != res.image_id:
             notify_info(f"the image changed during prediction; results for {res.image_id} were not shown")
