@@ -361,3 +361,32 @@ def test_cli_train_image(tiny, tmp_path):
     assert main(["train-image", str(img_dir), "--labels", str(csv), "--out", str(out), "--epochs", "2", "-q"]) == 0
     assert load_checkpoint(out / "latest.pt")["epoch"] == 2
     assert main(["train-image", str(img_dir), "--labels", str(csv), "--out", str(out), "--backbone", "vgg", "-q"]) == 2
+
+
+def test_init_from_an_earlier_run_starts_with_its_backbone(trained, tiny, tmp_path):
+    from napari_cpgcn.models.backbone import Backbone
+    from napari_cpgcn.training.engine import load_backbone_weights
+
+    run, _ = trained
+    fresh = Backbone("resnet18", weights=None)
+    before = fresh.state_dict()["trunk.0.weight"].clone()
+    used = load_backbone_weights(fresh, run, "resnet18")  # a run folder: its own best/latest
+    assert used.parent == run
+    saved = torch.load(used, weights_only=True)["model"]
+    for k, v in fresh.state_dict().items():
+        if k not in ("mean", "std"):  # the new run keeps its own input normalisation
+            assert torch.equal(v, saved[f"backbone.{k}"]), k
+    assert not torch.equal(before, fresh.state_dict()["trunk.0.weight"])
+    # another backbone, an empty folder: clear errors
+    with pytest.raises(CheckpointError, match="resnet18 backbone but this run uses resnet34"):
+        load_backbone_weights(Backbone("resnet34", weights=None), run / "latest.pt", "resnet34")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        load_backbone_weights(fresh, tmp_path / "empty", "resnet18")
+
+    # through the trainer: the new run says where its backbone came from and trains from there
+    img_dir, csv = tiny
+    cfg = tiny_config(variant="cnn", epochs=1, oaa=False, init_from=str(run / "latest.pt"))
+    events = list(train_image_model(img_dir, csv, tmp_path / "ft", cfg))
+    assert any(e.kind == EventKind.LOG and str(run / "latest.pt") in (e.message or "") for e in events)
+    assert ImageModelConfig.load(tmp_path / "ft" / "config.json").init_from == str(run / "latest.pt")

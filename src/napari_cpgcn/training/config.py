@@ -158,6 +158,11 @@ class ImageModelConfig(TrainConfig):
     imagenet_weights
         ``"imagenet"`` (torch hub cache, fall back to random init with a message), a file path,
         or ``None`` (random init).
+    init_from
+        A napari-cpgcn checkpoint (image or cell model, or a run folder holding
+        ``image_model/best.pt``) with the same backbone, whose backbone weights start this
+        model (fine-tuning from an earlier run, e.g. one trained on a large public data set);
+        the heads start fresh. Takes the place of ``imagenet_weights``.
     output_stride
         ResNet feature stride: 32 (the paper) or 16 (last stage dilated; a 2× finer class-map
         grid, see docs/cell_pipeline.md "CAM localisation: diagnosis").
@@ -196,6 +201,7 @@ class ImageModelConfig(TrainConfig):
     variant: str = "cpgcn"
     image_size: int = 512
     imagenet_weights: str | None = "imagenet"
+    init_from: str | None = None
     output_stride: int = 32
     cpm_norm: str = "sigmoid"
     tau: float = 0.3

@@ -58,6 +58,7 @@ __all__ = [
     "epoch_seed",
     "save_checkpoint",
     "load_checkpoint",
+    "load_backbone_weights",
     "state_digest",
     "default_logits",
     "evaluate_loader",
@@ -278,6 +279,48 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                 f"{path} was made for {key} = {_short(have)}, but {_short(want)} is needed here. "
                 f"Use a checkpoint trained with this {key}, or change the setting to match it.")
     return ckpt
+
+
+def load_backbone_weights(backbone: nn.Module, source: str | Path, name: str) -> Path:
+    """Start ``backbone`` from the backbone of an earlier napari-cpgcn model (fine-tuning).
+
+    ``source`` is an image- or cell-model checkpoint, or a run folder (its
+    ``image_model/best.pt``, else ``image_model/latest.pt``, or a training folder's own
+    ``best.pt``/``latest.pt``). Only backbone tensors are taken; the input normalisation
+    (``mean``/``std``) stays the new run's. Returns the checkpoint used.
+
+    Raises
+    ------
+    FileNotFoundError, CheckpointError
+        No checkpoint there; not a napari-cpgcn checkpoint; another backbone.
+    """
+    src = Path(source).expanduser()
+    if src.is_dir():
+        for cand in ("image_model/best.pt", "image_model/latest.pt", "best.pt", "latest.pt"):
+            if (src / cand).is_file():
+                src = src / cand
+                break
+        else:
+            raise FileNotFoundError(
+                f"{src} holds no checkpoint to start from (looked for image_model/best.pt, "
+                "image_model/latest.pt, best.pt, latest.pt); give a run folder or a .pt file")
+    ckpt = load_checkpoint(src, "cpu")
+    have = ckpt.get("meta", {}).get("backbone")
+    if have != name:
+        raise CheckpointError(
+            f"{src} holds a {have} backbone but this run uses {name}: train with --backbone {have} "
+            "or start from a checkpoint of the same backbone")
+    state = {k[len("backbone."):]: v for k, v in ckpt["model"].items()
+             if k.startswith("backbone.") and k not in ("backbone.mean", "backbone.std")}
+    if not state:
+        raise CheckpointError(f"{src} holds no backbone weights")
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in ("mean", "std")]
+    if missing or unexpected:
+        raise CheckpointError(f"{src}: backbone tensors do not fit {name} "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    log.info("backbone initialised from %s", src)
+    return src
 
 
 def _short(v: Any) -> str:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from napari_cpgcn.io.tables import LabelTable, atomic_write_text, read_labels_csv
 from napari_cpgcn.training.config import ImageModelConfig
 from napari_cpgcn.training.datasets import HPAImageDataset, ImageIndex, channel_stats, split_ids
-from napari_cpgcn.training.engine import fit, resolve_device, seed_everything
+from napari_cpgcn.training.engine import fit, load_backbone_weights, resolve_device, seed_everything
 from napari_cpgcn.training.events import Event, EventKind, ShouldStop
 from napari_cpgcn.training.oaa import OAAStore
 
@@ -160,7 +160,10 @@ def train_image_model(
 
     device = resolve_device(config.device)
     seed_everything(config.seed)  # the same seed gives the same initial weights
-    model = build_image_model(config, label_matrix=train_table.labels)
+    model = build_image_model(config, label_matrix=train_table.labels,
+                              weights=None if config.init_from else "config")
+    if config.init_from:
+        model.backbone.weights_source = str(load_backbone_weights(model.backbone, config.init_from, config.backbone))
     init_class_bias(model, train_table.labels)
     model.image_size = config.image_size
     msg = (f"{len(train_ids)} training / {len(val_ids)} validation images; {config.variant} on "
