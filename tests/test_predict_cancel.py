@@ -274,3 +274,21 @@ def test_a_runtime_error_in_a_stage_is_reported_and_predict_comes_back(viewer_ru
     assert w.status.text() == "prediction failed; the viewer is unchanged"
     assert [ly.name for ly in viewer.layers] == names_before
     assert w.predict_btn.isEnabled() and not w.cancel_btn.isEnabled()
+
+
+def test_start_worker_reports_runtime_errors_of_any_generator_worker(qtbot):
+    """The train/export/segment workers are generators too: their RuntimeErrors must surface."""
+    from napari_cpgcn._widgets._common import start_worker
+
+    errors, finished, seen = [], [], []
+
+    def steps():
+        yield "one"
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    worker = start_worker(steps, on_yield=seen.append, on_error=errors.append,
+                          on_finish=lambda: finished.append(True))
+    qtbot.waitUntil(lambda: bool(finished), timeout=10000)
+    assert seen == ["one"]
+    assert len(errors) == 1 and type(errors[0]) is RuntimeError and "out of memory" in str(errors[0])
+    assert worker is not None

@@ -5,6 +5,8 @@ Qt lives here and in the other ``_widgets`` modules only.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
@@ -64,6 +66,27 @@ def error_text(exc: BaseException) -> str:
     return text if isinstance(exc, (ValueError, OSError, KeyError, RuntimeError)) else f"{type(exc).__name__}: {text}"
 
 
+class WorkerRuntimeError(Exception):
+    """A RuntimeError raised inside a generator worker, carried as this exception's ``__cause__``.
+
+    superqt's ``GeneratorWorker`` takes a RuntimeError out of the generator for a deleted
+    worker: it emits neither ``errored`` nor ``finished``, so the failure would be silent and the
+    widget's buttons would stay disabled. torch's errors (out-of-memory included) are
+    RuntimeErrors. :func:`start_worker` re-raises them as this and hands ``on_error`` the original.
+    """
+
+
+def _reraise_runtime_errors(func: Callable) -> Callable:
+    @functools.wraps(func)
+    def body(*args: Any, **kwargs: Any):
+        try:
+            return (yield from func(*args, **kwargs))
+        except RuntimeError as e:
+            raise WorkerRuntimeError(error_text(e)) from e
+
+    return body
+
+
 def start_worker(
     func: Callable,
     *args: Any,
@@ -81,12 +104,15 @@ def start_worker(
     """
     from napari.qt.threading import create_worker
 
+    if inspect.isgeneratorfunction(func):
+        func = _reraise_runtime_errors(func)
     worker = create_worker(func, *args, _start_thread=False, _ignore_errors=True, **kwargs)
     if on_yield is not None and hasattr(worker, "yielded"):
         worker.yielded.connect(on_yield)
     if on_return is not None:
         worker.returned.connect(on_return)
-    worker.errored.connect(on_error or (lambda e: notify_error(error_text(e), e)))
+    report = on_error or (lambda e: notify_error(error_text(e), e))
+    worker.errored.connect(lambda e: report(e.__cause__ if isinstance(e, WorkerRuntimeError) else e))
     if on_finish is not None:
         worker.finished.connect(on_finish)
     worker.start()

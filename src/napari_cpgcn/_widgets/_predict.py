@@ -111,22 +111,6 @@ def run_prediction(
     )
 
 
-class WorkerRuntimeError(Exception):
-    """A RuntimeError raised by the worker body, re-raised as this (its ``__cause__``).
-
-    Why: superqt's ``GeneratorWorker`` takes a RuntimeError out of a generator for a deleted
-    worker and emits neither ``errored`` nor ``finished``, so the failure would be silent and
-    Predict would stay disabled (torch's errors, out-of-memory included, are RuntimeErrors).
-    """
-
-
-def _reraise_runtime_errors(steps: Generator[str, None, Any]) -> Generator[str, None, Any]:
-    try:
-        return (yield from steps)
-    except RuntimeError as e:
-        raise WorkerRuntimeError(error_text(e)) from e
-
-
 class PredictWidget(QWidget):
     """Dock widget: choose a trained run and device, predict the current image."""
 
@@ -256,10 +240,9 @@ class PredictWidget(QWidget):
         self.cancel_btn.setEnabled(True)
         self._image_id, self._cancelling, self._error = image.image_id, False, False
         self.status.setText(f"predicting {image.image_id} with {Path(run).name} on {device} …")
-        steps = run_prediction(run, device, image, cells, seg,
-                               float(self.threshold.value()), int(self.n_visible.value()))
         self._worker = start_worker(
-            _reraise_runtime_errors, steps,
+            run_prediction, run, device, image, cells, seg,
+            float(self.threshold.value()), int(self.n_visible.value()),
             on_yield=self._progress,
             on_return=self._apply,
             on_error=self._failed,
@@ -280,8 +263,6 @@ class PredictWidget(QWidget):
             self.status.setText(f"{self._image_id}: {message} …")
 
     def _failed(self, exc: BaseException) -> None:
-        if isinstance(exc, WorkerRuntimeError) and exc.__cause__ is not None:
-            exc = exc.__cause__
         self._error = True
         self.status.setText("prediction failed; the viewer is unchanged")
         notify_error(f"prediction failed: {error_text(exc)}", exc)
