@@ -239,3 +239,18 @@ def test_refinement_keeps_the_image_models_learning_rate_groups():
     in_groups = {id(p) for g in groups for p in g["params"]}
     assert in_groups == {id(p) for p in model.parameters() if p.requires_grad}
     assert all(id(p) in {id(q) for q in groups[0]["params"]} for p in model.sub_head.parameters())
+
+
+def test_fine_tune_a_pipeline_from_an_earlier_run(trained_run, synth_data, tmp_path):
+    """starting_from(run): both backbones start from the earlier run's image and cell models."""
+    from napari_cpgcn.pipeline import train_pipeline
+
+    run, _ = trained_run
+    cfg = _tiny().starting_from(run)
+    assert cfg.image.init_from == cfg.cell.init_from == str(run)
+    events = _drain(train_pipeline(synth_data / "images", synth_data / "train.csv", tmp_path / "ft", cfg))
+    assert events[-1].kind == EventKind.DONE
+    logs = " ".join(e.message or "" for e in events if e.kind == EventKind.LOG)
+    assert str(run / "image_model" / "best.pt") in logs
+    assert f"cell backbone initialised from {run / 'cell_model' / 'best.pt'}" in logs
+    assert _tiny().starting_from(None).image.init_from is None

@@ -140,6 +140,16 @@ class PipelineConfig:
                               imagenet_weights=None, **common),
         )
 
+    def starting_from(self, run: str | Path | None) -> PipelineConfig:
+        """The same settings, with the image and cell backbones started from an earlier run.
+
+        ``run`` is a finished run folder (its ``image_model`` and ``cell_model`` checkpoints are
+        used) or ``None`` (ImageNet / random init as configured). The backbones must match.
+        """
+        src = None if run in (None, "") else str(run)
+        return dataclasses.replace(self, image=self.image.replace(init_from=src),
+                                   cell=self.cell.replace(init_from=src))
+
     def with_device(self, device: str) -> PipelineConfig:
         """The same settings on another device (``auto``, ``cpu``, ``cuda``, ``mps``)."""
         return dataclasses.replace(

@@ -59,6 +59,9 @@ class CellModelConfig(TrainConfig):
         Train on the pseudo-labels' soft scores instead of their 0/1 labels.
     imagenet_weights
         ``"imagenet"`` (torch hub cache if present), a file path, or ``None``.
+    init_from
+        A napari-cpgcn checkpoint or run folder (its ``cell_model/best.pt``) with the same
+        backbone whose backbone weights start this model; takes the place of ``imagenet_weights``.
     dropout
         Before the linear layer.
     augment
@@ -78,6 +81,7 @@ class CellModelConfig(TrainConfig):
     mode: str = "pseudo"
     soft_targets: bool = False
     imagenet_weights: str | None = "imagenet"
+    init_from: str | None = None
     dropout: float = 0.2
     augment: bool = True
     classes: tuple[str, ...] = field(default_factory=lambda: tuple(SHORT_NAMES))
@@ -222,7 +226,7 @@ def train_cell_model(
 
     from napari_cpgcn.models.cell import build_cell_model
     from napari_cpgcn.training.cell_data import CropDataset, build_crop_cache
-    from napari_cpgcn.training.engine import fit
+    from napari_cpgcn.training.engine import fit, load_backbone_weights
 
     config = config or CellModelConfig()
     config.validate()
@@ -277,7 +281,10 @@ def train_cell_model(
     # Seeded initialisation: the same weights whatever ran before in this process.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = build_cell_model(config)
+        model = build_cell_model(config, weights=None if config.init_from else "config")
+    if config.init_from:
+        used = load_backbone_weights(model.backbone, config.init_from, config.backbone, stage="cell_model")
+        yield Event(EventKind.LOG, stage=stage, message=f"cell backbone initialised from {used}")
     n_pos = targets[train_rows].sum(0)
     yield Event(EventKind.LOG, stage=stage, message=(
         f"cell model ({config.mode}): {len(train_rows)} training / {len(val_rows)} validation cells, "

@@ -281,11 +281,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     return ckpt
 
 
-def load_backbone_weights(backbone: nn.Module, source: str | Path, name: str) -> Path:
+def load_backbone_weights(backbone: nn.Module, source: str | Path, name: str, stage: str = "image_model") -> Path:
     """Start ``backbone`` from the backbone of an earlier napari-cpgcn model (fine-tuning).
 
     ``source`` is an image- or cell-model checkpoint, or a run folder (its
-    ``image_model/best.pt``, else ``image_model/latest.pt``, or a training folder's own
+    ``{stage}/best.pt``, else ``{stage}/latest.pt``, or a training folder's own
     ``best.pt``/``latest.pt``). Only backbone tensors are taken; the input normalisation
     (``mean``/``std``) stays the new run's. Returns the checkpoint used.
 
@@ -296,14 +296,15 @@ def load_backbone_weights(backbone: nn.Module, source: str | Path, name: str) ->
     """
     src = Path(source).expanduser()
     if src.is_dir():
-        for cand in ("image_model/best.pt", "image_model/latest.pt", "best.pt", "latest.pt"):
+        cands = (f"{stage}/best.pt", f"{stage}/latest.pt", "best.pt", "latest.pt")
+        for cand in cands:
             if (src / cand).is_file():
                 src = src / cand
                 break
         else:
             raise FileNotFoundError(
-                f"{src} holds no checkpoint to start from (looked for image_model/best.pt, "
-                "image_model/latest.pt, best.pt, latest.pt); give a run folder or a .pt file")
+                f"{src} holds no checkpoint to start from (looked for {', '.join(cands)}); "
+                "give a run folder or a .pt file")
     ckpt = load_checkpoint(src, "cpu")
     have = ckpt.get("meta", {}).get("backbone")
     if have != name:
