@@ -28,12 +28,13 @@ failed, or the model cannot be loaded), 2 bad usage, 130 interrupted (rerun to r
 
 def register(subparsers) -> None:
     from napari_cpgcn.cli import add_common_arguments
+    from napari_cpgcn.cli._folder import add_cluster_arguments, add_input_dir_argument
 
     p = subparsers.add_parser(
         "predict", help="predict per-cell localisations for a folder (resumable, streaming)",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input_dir", metavar="INPUT_DIR", help="folder of HPA images (or a data set root with images/)")
+    add_input_dir_argument(p)
     p.add_argument("--model", "-m", required=True, metavar="RUN_OR_CKPT",
                    help="trained run folder (from `napari-cpgcn train` or `demo`) or a checkpoint inside one")
     p.add_argument("--out", "-o", required=True, metavar="OUT_DIR", help="output folder (rerun to resume)")
@@ -56,10 +57,9 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from napari_cpgcn.cli import UsageError, setup_logging
+    from napari_cpgcn.cli._folder import checked_input_dir
 
-    input_dir = Path(args.input_dir)
-    if not input_dir.is_dir():
-        raise UsageError(f"INPUT_DIR {input_dir} is not a folder; give the folder that holds the images")
+    input_dir = checked_input_dir(args)
     if not Path(args.model).exists():
         raise UsageError(f"--model {args.model} does not exist; give a trained run folder "
                          "(`napari-cpgcn train` or `napari-cpgcn demo` writes one)")
@@ -112,6 +112,7 @@ def _run(args: argparse.Namespace, input_dir: Path, out: Path) -> int:
         resolve_model_path,
     )
     from napari_cpgcn.cli import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, UsageError
+    from napari_cpgcn.cli._folder import folder_events
     from napari_cpgcn.training.events import EventKind
 
     try:
@@ -128,8 +129,7 @@ def _run(args: argparse.Namespace, input_dir: Path, out: Path) -> int:
     bar = None
     from tqdm import tqdm
 
-    events = predict_folder(input_dir, model, out, options) if not args.cluster else \
-        cluster_predict_events(args, input_dir, model, out, options)
+    events = folder_events(args, predict_folder, "predict_folder_distributed", input_dir, model, out, options)
     with progress_logging():
         try:
             for ev in events:
@@ -163,64 +163,3 @@ def _run(args: argparse.Namespace, input_dir: Path, out: Path) -> int:
                     summary.n_failed, summary.n_images, out / "failures.csv")
         return EXIT_PARTIAL
     return EXIT_OK
-
-
-# ------------------------------------------------------------------ Dask cluster (optional extra)
-
-def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
-    """``--cluster``, ``--cluster-config``, ``--max-workers``, ``--max-tries`` (see docs/scaling.md)."""
-    g = p.add_argument_group("cluster (Dask; pip install \"napari-cpgcn[distributed]\")")
-    g.add_argument("--cluster", default=None, metavar="SPEC",
-                   help="run the images as Dask tasks: local:N (N worker processes here), tcp://HOST:PORT "
-                        "(a running scheduler), slurm, lsf or pbs (with --cluster-config); default: in-process")
-    g.add_argument("--cluster-config", default=None, metavar="FILE.yaml",
-                   help="slurm/lsf/pbs job settings: cores, memory, walltime, queue, account, gpus, ...")
-    g.add_argument("--max-workers", type=int, default=None, metavar="N",
-                   help="slurm/lsf/pbs: scale adaptively up to N worker processes (default 4)")
-    g.add_argument("--max-tries", type=int, default=3, metavar="N",
-                   help="an image whose worker process died N times is listed in failures.csv (default 3)")
-
-
-def cluster_arguments(args: argparse.Namespace) -> dict:
-    """Checked ``cluster``, ``cluster_config``, ``max_workers``, ``max_tries`` keyword arguments.
-
-    Bad specs, a missing or bad config and a missing Dask install are usage errors (exit 2),
-    found before any work starts.
-    """
-    from napari_cpgcn.cli import UsageError
-
-    try:
-        from napari_cpgcn.distributed import (
-            JOBQUEUE_KINDS,
-            ClusterError,
-            ClusterSpec,
-            DaskMissingError,
-            jobqueue_kwargs,
-            load_cluster_config,
-            require_dask,
-        )
-    except ImportError as e:  # pragma: no cover - distributed.py imports Dask only if installed
-        raise UsageError(f"cannot use --cluster: {e}") from None
-    if args.max_tries < 1 or (args.max_workers is not None and args.max_workers < 1):
-        raise UsageError("--max-tries and --max-workers must be at least 1")
-    try:
-        spec = ClusterSpec.parse(args.cluster)
-        require_dask(jobqueue=spec.kind in JOBQUEUE_KINDS)
-        config = load_cluster_config(args.cluster_config)
-        if spec.kind in JOBQUEUE_KINDS:
-            if not config:
-                raise ClusterError(f"--cluster {spec.kind} needs --cluster-config FILE.yaml with the job settings "
-                                   "(cores, memory, walltime, queue, ...); see docs/scaling.md")
-            jobqueue_kwargs(spec.kind, config)  # unknown keys / missing cores or memory: fail now
-    except (ClusterError, DaskMissingError) as e:
-        raise UsageError(str(e)) from None
-    return {"cluster": args.cluster, "cluster_config": config or None, "max_workers": args.max_workers,
-            "max_tries": args.max_tries}
-
-
-def cluster_predict_events(args: argparse.Namespace, input_dir, model, out, options):
-    """The events of :func:`napari_cpgcn.distributed.predict_folder_distributed` for the CLI arguments."""
-    kwargs = cluster_arguments(args)
-    from napari_cpgcn.distributed import predict_folder_distributed
-
-    return predict_folder_distributed(input_dir, model, out, options, **kwargs)

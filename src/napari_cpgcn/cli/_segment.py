@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 log = logging.getLogger("napari_cpgcn.cli.segment")
 
@@ -48,12 +47,13 @@ def _positive(text: str) -> float:
 
 def register(subparsers) -> None:
     from napari_cpgcn.cli import add_common_arguments
+    from napari_cpgcn.cli._folder import add_cluster_arguments, add_input_dir_argument
 
     p = subparsers.add_parser(
         "segment", help="segment a folder of HPA images into cell masks ({ID}.tif)",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input_dir", metavar="INPUT_DIR", help="folder of HPA images (or a data set root with images/)")
+    add_input_dir_argument(p)
     p.add_argument("--out", "-o", required=True, metavar="OUT_DIR", help="output folder for the masks")
     p.add_argument("--method", choices=("classical", "cellpose"), default="classical",
                    help="segmentation method (default classical)")
@@ -70,8 +70,6 @@ def register(subparsers) -> None:
     p.add_argument("--gpu", choices=("auto", "yes", "no"), default="auto",
                    help="cellpose: use the GPU (default: when available)")
     p.add_argument("--overwrite", action="store_true", help="redo images that already have a mask")
-    from napari_cpgcn.cli._predict import add_cluster_arguments
-
     add_cluster_arguments(p)
     add_common_arguments(p)
     p.set_defaults(func=run)
@@ -79,12 +77,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from napari_cpgcn.cli import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, UsageError
+    from napari_cpgcn.cli._folder import checked_input_dir, folder_events
     from napari_cpgcn.segmentation.folder import iter_segment_folder
     from napari_cpgcn.training.events import EventKind
 
-    input_dir = Path(args.input_dir)
-    if not input_dir.is_dir():
-        raise UsageError(f"INPUT_DIR {input_dir} is not a folder; give the folder that holds the images")
+    input_dir = checked_input_dir(args)
     params: dict = {"nucleus_diameter": args.nucleus_diameter, "downscale": args.downscale}
     if args.method == "cellpose":
         params.update(model=args.model, diameter=args.diameter,
@@ -92,14 +89,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.diameter is not None or args.model != "cyto3" or args.gpu != "auto":
         raise UsageError("--model, --diameter and --gpu apply to --method cellpose only")
 
-    if args.cluster:  # one Dask task per image (napari_cpgcn.distributed)
-        from napari_cpgcn.cli._predict import cluster_arguments
-        from napari_cpgcn.distributed import segment_folder_distributed
-
-        events = segment_folder_distributed(input_dir, args.out, args.method, overwrite=args.overwrite,
-                                            **cluster_arguments(args), **params)
-    else:
-        events = iter_segment_folder(input_dir, args.out, args.method, overwrite=args.overwrite, **params)
+    # with --cluster one Dask task per image (napari_cpgcn.distributed)
+    events = folder_events(args, iter_segment_folder, "segment_folder_distributed", input_dir, args.out, args.method,
+                           overwrite=args.overwrite, **params)
     bar = None
     result: dict = {}
     try:

@@ -12,12 +12,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from napari_cpgcn.cli import (
-    EXIT_FAILURE,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    UsageError,
-    add_common_arguments,
+from napari_cpgcn.cli import EXIT_INTERRUPTED, UsageError, add_common_arguments
+from napari_cpgcn.cli._training import (
+    TrainingBars,
+    add_training_arguments,
+    base_config,
+    imagenet_weights,
+    run_training,
+    start_training_run,
 )
 
 log = logging.getLogger("napari_cpgcn.cli.train")
@@ -35,22 +37,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "finished stages and resumes an interrupted one."
         ),
     )
-    p.add_argument("data_dir", metavar="DATA_DIR", help="folder of images (ID_red.png ...; images/ inside accepted)")
-    p.add_argument("--labels", required=True, metavar="CSV", help="labels CSV (ID,Label with |-joined class ids)")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (created; resumed when it exists)")
+    add_training_arguments(
+        p,
+        out="run folder (created; resumed when it exists)",
+        config="a pipeline config JSON (as RUN_DIR/config.json); options win",
+        backbone="backbone of the image and cell models (resnet18/34/50, densenet121, efficientnet_b0, "
+                 "mobilenet_v3_small/large)",
+        image_size="image model input side in pixels",
+        epochs="epochs of the image model and the cell model",
+        batch_size="image model (and refinement) batch size",
+        imagenet_weights=("PATH|none", "'imagenet' (torch hub cache), a torchvision weight file, or 'none'"),
+        seed="random seed",
+        workers="DataLoader worker processes",
+    )
     p.add_argument("--preset", choices=["paper", "tiny"], default=None,
                    help="paper: ResNet50, 512 px, 50/3x20/20 epochs, K=10 (default); tiny: resnet18, 128 px, "
                         "2 epochs, K=3, 1 round (tests and demos)")
-    p.add_argument("--config", metavar="JSON", help="a pipeline config JSON (as RUN_DIR/config.json); options win")
-    p.add_argument("--backbone", default=None, help="backbone of the image and cell models (resnet18/34/50, "
-                                                    "densenet121, efficientnet_b0, mobilenet_v3_small/large)")
     p.add_argument("--cell-backbone", default=None, help="backbone of the cell model only")
-    p.add_argument("--image-size", type=int, default=None, help="image model input side in pixels")
     p.add_argument("--crop-size", type=int, default=None, help="cell crop side in pixels")
-    p.add_argument("--epochs", type=int, default=None, help="epochs of the image model and the cell model")
     p.add_argument("--refine-epochs", type=int, default=None, help="epochs per refinement round")
     p.add_argument("--cell-epochs", type=int, default=None, help="epochs of the cell model (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=None, help="image model (and refinement) batch size")
     p.add_argument("--k", type=int, default=None, help="sub-classes per class in the refinement (1 = no clustering)")
     p.add_argument("--rounds", type=int, default=None, help="refinement rounds (0 = no refinement)")
     p.add_argument("--segmentation", default=None, help="segmentation method: classical (default) or cellpose")
@@ -59,11 +65,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cell-mode", choices=["pseudo", "baseline"], default=None,
                    help="cell model targets: pseudo-labels (default) or image labels copied to every cell")
     p.add_argument("--pseudo-threshold", type=float, default=None, help="pseudo-label score threshold (default 0.5)")
-    p.add_argument("--imagenet-weights", default=None, metavar="PATH|none",
-                   help="'imagenet' (torch hub cache), a torchvision weight file, or 'none'")
-    p.add_argument("--device", default=None, help="auto (cuda, mps, cpu), cuda, cuda:N, mps or cpu")
-    p.add_argument("--seed", type=int, default=None, help="random seed")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
     add_common_arguments(p)
     p.set_defaults(func=run)
 
@@ -80,16 +81,8 @@ def build_config(args: argparse.Namespace):
     from napari_cpgcn.training.config import ConfigError
 
     try:
-        previous = Path(args.out) / "config.json"
-        if args.config:
-            cfg = PipelineConfig.load(args.config)
-        elif previous.is_file() and args.preset is None:
-            cfg = PipelineConfig.load(previous)
-            log.info("resuming with the settings of %s (options given on the command line win)", previous)
-        elif args.preset == "tiny":
-            cfg = PipelineConfig.tiny()
-        else:
-            cfg = PipelineConfig.paper()
+        preset = PipelineConfig.tiny if args.preset == "tiny" else PipelineConfig.paper
+        cfg = base_config(args, PipelineConfig.load, preset, resume=args.preset is None)
         img, ref, cell = {}, {}, {}
         if args.backbone:
             img["backbone"] = cell["backbone"] = args.backbone
@@ -114,8 +107,7 @@ def build_config(args: argparse.Namespace):
         if args.cell_mode:
             cell["mode"] = args.cell_mode
         if args.imagenet_weights is not None:
-            w = None if args.imagenet_weights.lower() in ("none", "random", "") else args.imagenet_weights
-            img["imagenet_weights"] = cell["imagenet_weights"] = w
+            img["imagenet_weights"] = cell["imagenet_weights"] = imagenet_weights(args.imagenet_weights)
         for name in ("device", "seed"):
             v = getattr(args, name)
             if v is not None:
@@ -137,26 +129,10 @@ def build_config(args: argparse.Namespace):
         raise UsageError(str(e)) from e
 
 
-class _Bars:
+class _Bars(TrainingBars):
     """Per-stage tqdm bars driven by pipeline events."""
 
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.bar = None
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def open(self, total: int | None, desc: str, unit: str) -> None:
-        from tqdm import tqdm
-
-        self.close()
-        if not self.quiet:
-            self.bar = tqdm(total=total or None, desc=desc, unit=unit, leave=True, dynamic_ncols=True)
-
-    def handle(self, ev) -> None:
+    def handle(self, ev) -> int | None:
         from napari_cpgcn.training.events import EventKind
 
         k = ev.kind
@@ -189,48 +165,21 @@ class _Bars:
         elif k == EventKind.LOG:
             if ev.message:
                 log.debug("%s: %s", ev.stage, ev.message)
+        elif k == EventKind.STOPPED:
+            self.close()
+            log.warning("%s", ev.message)
+            return EXIT_INTERRUPTED
+        elif k == EventKind.DONE:
+            self.close()
+            log.info("done: the trained pipeline is in %s (predict with `napari-cpgcn predict ... --model %s`)",
+                     self.out, self.out)
+        return None
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_cpgcn.cli import setup_logging
-
-    data_dir, labels, out = Path(args.data_dir), Path(args.labels), Path(args.out)
-    if not data_dir.is_dir():
-        raise UsageError(f"DATA_DIR {data_dir} is not a folder")
-    if not labels.is_file():
-        raise UsageError(f"labels CSV {labels} does not exist")
-    config = build_config(args)
-    out.mkdir(parents=True, exist_ok=True)
-    from napari_cpgcn.training.ddp import is_main_process
-
-    main_process = is_main_process()  # under torchrun only rank 0 logs and shows progress
-    if not main_process:
-        args.quiet = True
-    setup_logging(args, logfile=str(out / "train.log") if main_process else None)
-
+    data_dir, labels, out, config = start_training_run(args, build_config, "train.log")
     from napari_cpgcn.pipeline import train_pipeline
-    from napari_cpgcn.training.engine import CheckpointError
-    from napari_cpgcn.training.events import EventKind
 
-    bars = _Bars(args.quiet)
-    try:
-        for ev in train_pipeline(data_dir, labels, out, config):
-            bars.handle(ev)
-            if ev.kind == EventKind.STOPPED:
-                bars.close()
-                log.warning("%s", ev.message)
-                return EXIT_INTERRUPTED
-            if ev.kind == EventKind.DONE:
-                bars.close()
-                log.info("done: the trained pipeline is in %s (predict with `napari-cpgcn predict ... --model %s`)",
-                         out, out)
-    except CheckpointError as e:
-        log.error("%s", e)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        log.error("interrupted; finished stages and the last finished epoch are kept; rerun the same command "
-                  "to resume")
-        return EXIT_INTERRUPTED
-    finally:
-        bars.close()
-    return EXIT_OK
+    return run_training(train_pipeline(data_dir, labels, out, config), _Bars(args.quiet, out), logger=log,
+                        interrupted="interrupted; finished stages and the last finished epoch are kept; rerun "
+                                    "the same command to resume")
