@@ -254,3 +254,20 @@ def test_fine_tune_a_pipeline_from_an_earlier_run(trained_run, synth_data, tmp_p
     assert str(run / "image_model" / "best.pt") in logs
     assert f"cell backbone initialised from {run / 'cell_model' / 'best.pt'}" in logs
     assert _tiny().starting_from(None).image.init_from is None
+
+
+def test_starting_from_is_checked_before_training(trained_run, tmp_path):
+    """The Train widget's 'Start from' goes through the same check (build_config, no Qt needed)."""
+    from napari_cpgcn.pipeline import PipelineConfig
+
+    run, _ = trained_run
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _tiny().starting_from(tmp_path / "nope")
+    with pytest.raises(ValueError, match="image backbone resnet18, this run uses resnet34"):
+        PipelineConfig.tiny(backbone="resnet34").starting_from(run)
+    pytest.importorskip("qtpy")
+    from napari_cpgcn._widgets._train import build_config
+
+    cfg = build_config("resnet18", 64, 1, 4, 2, 1, "cpu", preset="tiny (a test)", start_from=str(run))
+    assert cfg.image.init_from == cfg.cell.init_from == str(run)
+    assert build_config("resnet18", 64, 1, 4, 2, 1, "cpu", preset="tiny (a test)").image.init_from is None

@@ -145,8 +145,25 @@ class PipelineConfig:
 
         ``run`` is a finished run folder (its ``image_model`` and ``cell_model`` checkpoints are
         used) or ``None`` (ImageNet / random init as configured). The backbones must match.
+
+        Raises
+        ------
+        FileNotFoundError, ValueError
+            No such folder; the run was trained with other backbones or classes (checked here,
+            before anything trains, when the run's ``config.json`` is there).
         """
         src = None if run in (None, "") else str(run)
+        if src is not None:
+            folder = Path(src).expanduser()
+            if not folder.exists():
+                raise FileNotFoundError(f"{folder} does not exist: give a finished run folder to start from")
+            if folder.is_dir() and (folder / "config.json").is_file():
+                old = PipelineConfig.load(folder / "config.json")
+                for what, have, want in (("image backbone", old.image.backbone, self.image.backbone),
+                                         ("cell backbone", old.cell.backbone, self.cell.backbone)):
+                    if have != want:
+                        raise ValueError(f"{folder} was trained with the {what} {have}, this run uses {want}: "
+                                         f"choose {have} or start from another run")
         return dataclasses.replace(self, image=self.image.replace(init_from=src),
                                    cell=self.cell.replace(init_from=src))
 

@@ -64,12 +64,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------- core helpers (no Qt)
 
 def build_config(backbone: str, image_size: int, epochs: int, batch_size: int, k: int, rounds: int,
-                 device: str = "auto", preset: str = "small"):
+                 device: str = "auto", preset: str = "small", start_from: str = ""):
     """A :class:`~napari_cpgcn.pipeline.PipelineConfig` from the form's values.
 
     ``preset`` ``"paper"`` starts from the paper's settings (ImageNet weights when present); the
     others from :meth:`PipelineConfig.tiny` (random init, small GCN), then the form's values
     override backbone, image size, epochs (every stage), batch size, K and rounds.
+    ``start_from``: a finished run whose image and cell backbones start this one (fine-tuning).
     """
     from napari_cpgcn.pipeline import PipelineConfig
 
@@ -78,7 +79,7 @@ def build_config(backbone: str, image_size: int, epochs: int, batch_size: int, k
                                     batch_size=batch_size)
     base.refine = base.refine.replace(k=k, rounds=rounds, epochs=epochs, batch_size=batch_size)
     base.cell = base.cell.replace(backbone=backbone, epochs=epochs)
-    config = base.with_device(device)
+    config = base.with_device(device).starting_from(start_from.strip() or None)
     config.validate()
     return config
 
@@ -235,6 +236,9 @@ class TrainWidget(QWidget):
         self.data_edit = PathEdit("dir", "folder of training images")
         self.csv_edit = PathEdit("file", "labels CSV (ID,Label)", "CSV (*.csv)")
         self.out_edit = PathEdit("dir", "output (run) folder")
+        self.start_edit = PathEdit("dir", "optional: a trained run to fine-tune from")
+        self.start_edit.setToolTip("start both backbones from this run's image and cell models "
+                                   "(same backbone); empty: ImageNet weights / random init")
         self.data_edit.setText(settings.get("train_data", ""))
         self.csv_edit.setText(settings.get("train_csv", ""))
         self.out_edit.setText(settings.get("train_out", ""))
@@ -257,6 +261,7 @@ class TrainWidget(QWidget):
         form.addRow("Images", self.data_edit)
         form.addRow("Labels CSV", self.csv_edit)
         form.addRow("Output", self.out_edit)
+        form.addRow("Start from", self.start_edit)
         form.addRow("Preset", self.preset)
         form.addRow("Backbone", self.backbone)
         form.addRow("Image size", self.image_size)
@@ -341,7 +346,8 @@ class TrainWidget(QWidget):
         """The :class:`PipelineConfig` the form describes."""
         return build_config(self.backbone.currentText(), self.image_size.value(), self.epochs.value(),
                             self.batch_size.value(), self.k.value(), self.rounds.value(),
-                            self.device.currentText(), preset=self.preset.currentText())
+                            self.device.currentText(), preset=self.preset.currentText(),
+                            start_from=self.start_edit.text())
 
     def start(self, resume: bool = False) -> None:
         """Check the inputs, then train in a worker (``resume``: with the run's saved config)."""
