@@ -297,3 +297,16 @@ def test_info_follows_cellpose_env(tmp_path, monkeypatch, capsys):
     assert main(["info", "--json"]) == 0
     c = json.loads(capsys.readouterr().out)["cellpose_models"]
     assert c["folder"] == str(tmp_path) and c["files"] == ["cyto3"]
+
+
+def test_train_image_init_from_an_earlier_run(synth_data, trained_run, tmp_path):
+    """--init-from: a missing path is a usage error; a run folder starts the backbone from it."""
+    base = ["train-image", str(synth_data), "--labels", str(synth_data / "train.csv"), "--backbone", "resnet18",
+            "--image-size", "64", "--epochs", "1", "--batch-size", "4", "--imagenet-weights", "none",
+            "--device", "cpu", "-q"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--init-from", str(tmp_path / "missing")]) == EXIT_USAGE
+    assert not (tmp_path / "a" / "latest.pt").exists()
+    assert main([*base, "--out", str(tmp_path / "b"), "--init-from", str(trained_run)]) == EXIT_OK
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg["init_from"] == str(trained_run)
+    assert str(trained_run / "image_model" / "best.pt") in (tmp_path / "b" / "train-image.log").read_text()

@@ -18,6 +18,7 @@ from napari_cpgcn.cli._training import (
     add_training_arguments,
     base_config,
     imagenet_weights,
+    init_from,
     run_training,
     start_training_run,
 )
@@ -123,9 +124,11 @@ def build_config(args: argparse.Namespace):
         if args.pseudo_threshold is not None:
             changes["pseudo"] = dataclasses.replace(cfg.pseudo, threshold=args.pseudo_threshold)
         cfg = dataclasses.replace(cfg, **changes)
+        if args.init_from is not None:
+            cfg = cfg.starting_from(init_from(args.init_from))
         cfg.validate()
         return cfg
-    except (ConfigError, TypeError, ValueError) as e:
+    except (ConfigError, TypeError, ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
 
 

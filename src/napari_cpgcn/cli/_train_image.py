@@ -11,6 +11,7 @@ from napari_cpgcn.cli._training import (
     add_training_arguments,
     base_config,
     imagenet_weights,
+    init_from,
     run_training,
     start_training_run,
 )
@@ -70,6 +71,8 @@ def build_config(args: argparse.Namespace):
         changes = {k: v for k, v in changes.items() if v is not None}
         if args.imagenet_weights is not None:
             changes["imagenet_weights"] = imagenet_weights(args.imagenet_weights)
+        if args.init_from is not None:
+            changes["init_from"] = init_from(args.init_from)
         return base.replace(**changes)
     except (ConfigError, TypeError) as e:
         raise UsageError(str(e)) from e

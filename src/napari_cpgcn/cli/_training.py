@@ -25,7 +25,8 @@ def add_training_arguments(
     batch_size: str, imagenet_weights: tuple[str, str], seed: str, workers: str,
 ) -> None:
     """DATA_DIR, ``--labels``, ``--out``, ``--config``, ``--backbone``, ``--image-size``,
-    ``--epochs``, ``--batch-size``, ``--imagenet-weights``, ``--device``, ``--seed``, ``--workers``.
+    ``--epochs``, ``--batch-size``, ``--imagenet-weights``, ``--init-from``, ``--device``, ``--seed``,
+    ``--workers``.
 
     Every option defaults to None: not given, the config keeps its value. The keyword arguments
     are the help texts (``imagenet_weights`` is ``(metavar, help)``); they differ between the
@@ -41,6 +42,9 @@ def add_training_arguments(
     p.add_argument("--batch-size", type=int, default=None, help=batch_size)
     metavar, weights_help = imagenet_weights
     p.add_argument("--imagenet-weights", default=None, metavar=metavar, help=weights_help)
+    p.add_argument("--init-from", default=None, metavar="RUN_OR_CKPT",
+                   help="fine-tune: start the backbone(s) from an earlier napari-cpgcn run folder or "
+                        "checkpoint with the same backbone (heads start fresh); 'none' clears it")
     p.add_argument("--device", default=None, help="auto (cuda, mps, cpu), cuda, cuda:N, mps or cpu")
     p.add_argument("--seed", type=int, default=None, help=seed)
     p.add_argument("--workers", type=int, default=None, help=workers)
@@ -49,6 +53,15 @@ def add_training_arguments(
 def imagenet_weights(text: str) -> str | None:
     """The value of ``--imagenet-weights``: None (random init) for 'none', 'random' or ''."""
     return None if text.lower() in ("none", "random", "") else text
+
+
+def init_from(text: str) -> str | None:
+    """The value of ``--init-from``: None for 'none' or ''; an existing path otherwise."""
+    if text.lower() in ("none", ""):
+        return None
+    if not Path(text).expanduser().exists():
+        raise UsageError(f"--init-from {text} does not exist: give a finished run folder or a .pt checkpoint")
+    return text
 
 
 def base_config(args: argparse.Namespace, load: Callable[[Any], Any], default: Callable[[], Any], *,
