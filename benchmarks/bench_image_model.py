@@ -8,6 +8,11 @@ training process. Also times one training step of ResNet50 CP-GCN at 512², batc
 
 Each (variant, seed) runs in its own subprocess so that its peak memory is its own.
 
+``--pretrain-n N`` adds the paper's starting point, a pretrained backbone: a ``cnn`` model is first
+trained on N *other* synthetic images (a stand-in for ImageNet weights, which cannot be
+downloaded here), and every variant then starts from its backbone (``init_from``) with fresh
+heads.
+
 Usage::
 
     nice python benchmarks/bench_image_model.py                      # the documented run
@@ -24,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 VARIANTS = ("cnn", "cnn+cpm", "cpgcn", "mlgcn")
@@ -45,6 +51,39 @@ def make_data(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     return sets["train"], sets["test"]
 
 
+def pretrain(work: Path, args: argparse.Namespace) -> Path:
+    """Train (once, cached) the ``cnn`` model whose backbone every variant starts from."""
+    import torch
+
+    from napari_cpgcn.synth import generate_dataset
+    from napari_cpgcn.training.config import ImageModelConfig
+    from napari_cpgcn.training.events import EventKind
+    from napari_cpgcn.training.image_trainer import train_image_model
+
+    d = work / f"pretrain_n{args.pretrain_n}_s{args.size}_c{args.cell_scale}_h{args.heterogeneity}_seed3000"
+    if not (d / "train.csv").is_file():
+        generate_dataset(d, args.pretrain_n, size=args.size, seed=3000, heterogeneity=args.heterogeneity,
+                         cell_scale=args.cell_scale)
+    run = work / "runs" / f"pretrain_cnn_n{args.pretrain_n}_e{args.pretrain_epochs}_os{args.output_stride}"
+    ckpt = run / "latest.pt"
+    if (run / "done").is_file():
+        return ckpt
+    torch.set_num_threads(max(1, min(args.jobs * args.threads, os.cpu_count() or 1)))
+    cfg = ImageModelConfig(
+        backbone=args.backbone, variant="cnn", image_size=args.image_size, batch_size=args.batch_size,
+        epochs=args.pretrain_epochs, lr=args.lr, seed=0, device="cpu", imagenet_weights=None,
+        val_fraction=0.0, oaa=False, output_stride=args.output_stride,
+        cache_dir=str(work / "cache" / f"{d.name}_{args.image_size}"))
+    t0 = time.perf_counter()
+    for ev in train_image_model(d, d / "train.csv", run, cfg, resume=True):
+        if ev.kind == EventKind.EPOCH_END:
+            print(f"# pretrain epoch {ev.epoch}: loss {ev.loss:.4f}", flush=True)
+    (run / "done").write_text("")
+    print(f"# pretrained cnn backbone on {args.pretrain_n} images, {args.pretrain_epochs} epochs "
+          f"in {time.perf_counter() - t0:.0f} s", flush=True)
+    return ckpt
+
+
 def worker(args: argparse.Namespace) -> None:
     """Train one variant with one seed, evaluate on the test set, print a JSON line."""
     import numpy as np
@@ -64,6 +103,9 @@ def worker(args: argparse.Namespace) -> None:
         else f"_{args.cpm_norm}_g{args.gcn_lr_scale}_c{args.gcn_center}"
     tag += (f"_res{args.gcn_residual_std:g}" if args.gcn_residual_std else "_res") if args.gcn_residual else ""
     tag += "_learnv" if args.gcn_learn_inputs else ""
+    tag += f"_os{args.output_stride}" if args.output_stride != 32 else ""
+    tag += f"_pt{Path(args.init_from).parent.name.split('_n')[1]}" if args.init_from else ""
+    tag += f"_e{args.epochs}_n{train_dir.name.split('_')[1][1:]}"
     run = Path(args.work) / "runs" / f"{args.variant.replace('+', '_')}_seed{args.seed}{tag}"
     cfg = ImageModelConfig(
         backbone=args.backbone, variant=args.variant, image_size=args.image_size, batch_size=args.batch_size,
@@ -71,7 +113,8 @@ def worker(args: argparse.Namespace) -> None:
         val_fraction=0.0, gcn_hidden=args.gcn_hidden, oaa=False, lr_schedule=args.lr_schedule,
         cpm_norm=args.cpm_norm, gcn_lr_scale=args.gcn_lr_scale, gcn_center=bool(args.gcn_center),
         gcn_residual=bool(args.gcn_residual), gcn_residual_std=args.gcn_residual_std,
-        gcn_learn_inputs=bool(args.gcn_learn_inputs),
+        gcn_learn_inputs=bool(args.gcn_learn_inputs), output_stride=args.output_stride,
+        init_from=args.init_from or None,
         cache_dir=str(Path(args.work) / "cache" / f"{train_dir.name}_{args.image_size}"),
     )
     secs = []
@@ -150,6 +193,12 @@ def main() -> int:
                     help="initial std of the residual vectors in units of 1/sqrt(D) (0: zero)")
     ap.add_argument("--gcn-learn-inputs", type=int, default=0,
                     help="1: train the GCN node inputs (initialised from the word vectors)")
+    ap.add_argument("--output-stride", type=int, default=32, choices=[16, 32],
+                    help="backbone output stride (16: last ResNet stage dilated, 4x more CAM cells)")
+    ap.add_argument("--pretrain-n", type=int, default=0,
+                    help="images of a separate synthetic set to pretrain the backbone on (0: from scratch)")
+    ap.add_argument("--pretrain-epochs", type=int, default=15)
+    ap.add_argument("--jobs", type=int, default=1, help="(variant, seed) trainings run at once")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=1, help="torch threads per training process")
@@ -161,6 +210,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--train-dir", help=argparse.SUPPRESS)
     ap.add_argument("--test-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--init-from", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -170,29 +220,37 @@ def main() -> int:
     t_start = time.perf_counter()
     if not args.resnet50_only:
         train_dir, test_dir = make_data(work, args)
+        init_from = str(pretrain(work, args)) if args.pretrain_n > 0 else ""
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         variants = [v for v in args.variants.split(",") if v]
         results: dict[str, list[dict]] = {v: [] for v in variants}
-        for seed in seeds:
-            for v in variants:
-                cmd = [sys.executable, __file__, "--worker", "--variant", v, "--seed", str(seed),
-                       "--train-dir", str(train_dir), "--test-dir", str(test_dir)]
-                for k in ("work", "image_size", "backbone", "epochs", "batch_size", "lr", "lr_schedule",
-                          "gcn_hidden", "threads", "cpm_norm", "gcn_lr_scale", "gcn_center",
-                          "gcn_residual", "gcn_residual_std", "gcn_learn_inputs"):
-                    cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-                t0 = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-                if proc.returncode or line is None:
-                    print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-                    raise SystemExit(f"worker {v} seed {seed} failed")
-                r = json.loads(line[7:])
+
+        def run_one(v: str, seed: int) -> dict:
+            cmd = [sys.executable, __file__, "--worker", "--variant", v, "--seed", str(seed),
+                   "--train-dir", str(train_dir), "--test-dir", str(test_dir), "--init-from", init_from]
+            for k in ("work", "image_size", "backbone", "epochs", "batch_size", "lr", "lr_schedule",
+                      "gcn_hidden", "threads", "cpm_norm", "gcn_lr_scale", "gcn_center",
+                      "gcn_residual", "gcn_residual_std", "gcn_learn_inputs", "output_stride"):
+                cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if proc.returncode or line is None:
+                print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+                raise SystemExit(f"worker {v} seed {seed} failed")
+            r = json.loads(line[7:])
+            print(f"# {v:8s} seed {seed}: test mAP {r['mAP']:.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+            return r
+
+        jobs = [(v, seed) for seed in seeds for v in variants]
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            for (v, _), r in zip(jobs, pool.map(lambda job: run_one(*job), jobs), strict=True):
                 results[v].append(r)
-                print(f"# {v:8s} seed {seed}: test mAP {r['mAP']:.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
         print()
-        print(f"Image-level ablation: {args.backbone} from scratch, {args.image_size}² input, "
-              f"{args.epochs} epochs, batch {args.batch_size}, Adam {args.lr}, focal loss, CPM {args.cpm_norm}, GCN lr x{args.gcn_lr_scale}, GCN centred {bool(args.gcn_center)}, "
+        start = (f"backbone pretrained as cnn on {args.pretrain_n} other synthetic images for "
+                 f"{args.pretrain_epochs} epochs" if args.pretrain_n else "from scratch")
+        print(f"Image-level ablation: {args.backbone} {start}, {args.image_size}² input, "
+              f"output stride {args.output_stride}, {args.epochs} epochs, batch {args.batch_size}, Adam {args.lr}, focal loss, CPM {args.cpm_norm}, GCN lr x{args.gcn_lr_scale}, GCN centred {bool(args.gcn_center)}, "
               f"GCN residual {bool(args.gcn_residual)} (init std {args.gcn_residual_std:g}/sqrt(D)), learnable GCN inputs {bool(args.gcn_learn_inputs)}; "
               f"train {args.n_train} / test {args.n_test} synthetic images ({args.size}², heterogeneity "
               f"{args.heterogeneity}); seeds {args.seeds}; {args.threads} torch thread(s)")
