@@ -390,3 +390,31 @@ def test_init_from_an_earlier_run_starts_with_its_backbone(trained, tiny, tmp_pa
     events = list(train_image_model(img_dir, csv, tmp_path / "ft", cfg))
     assert any(e.kind == EventKind.LOG and str(run / "latest.pt") in (e.message or "") for e in events)
     assert ImageModelConfig.load(tmp_path / "ft" / "config.json").init_from == str(run / "latest.pt")
+
+
+def _bump_under_lock(folder: str, cls: int) -> None:
+    """Child process: a slow read-max-write of one class of image 'x' (as OAAStore.update does)."""
+    import time
+
+    store = OAAStore(folder, N_CLASSES, size=4)
+    with store._locked("x"):
+        arr = store.read("x")
+        time.sleep(0.15)  # widen the read-write window: without the lock, updates get lost
+        arr[cls] = np.maximum(arr[cls], 255)
+        store._write("x", arr)
+
+
+def test_oaa_updates_from_several_processes_are_not_lost(tmp_path):
+    """DDP ranks share the OAA folder and may update the same (padded) image at once."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")  # the children use numpy only
+    procs = [ctx.Process(target=_bump_under_lock, args=(str(tmp_path), c)) for c in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert all(p.exitcode == 0 for p in procs)
+    arr = OAAStore(tmp_path, N_CLASSES, size=4).read("x")
+    assert [int(arr[c].max()) for c in range(6)] == [255] * 6  # every process's update is there
+    assert not list(tmp_path.glob("*.tmp"))

@@ -8,14 +8,21 @@ accumulated map by an element-wise maximum: M_t = max(M_{t-1}, A_t).
 Storage: one ``{image_id}.npy`` per image in ``RUN/image_model/oaa/``, a (C, S, S) uint8 array
 (S = ``oaa_size``, 255 = 1.0), written atomically. Memory use does not grow with the data set;
 on disk it is C·S² bytes per image (19 kB at S = 32). Classes never accumulated stay 0.
+
+Several processes may update the same image at once (torchrun DDP: the distributed sampler
+repeats a few images to even out the ranks, and ranks share the run folder): every
+read–max–write holds an exclusive ``flock`` on one of 64 lock files in ``oaa/.locks`` (chosen
+by a hash of the id), so no update is lost; the maximum makes a repeated update harmless.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +33,13 @@ from napari_cpgcn.training.datasets import invert_augmentation
 __all__ = ["OAAStore", "load_oaa", "oaa_dir"]
 
 log = logging.getLogger(__name__)
+
+try:  # POSIX; on Windows (no fcntl) a single process trains, so no lock is needed
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+N_LOCKS = 64
 
 
 def oaa_dir(run_dir: str | Path) -> Path:
@@ -72,6 +86,22 @@ class OAAStore:
 
     def path(self, image_id: str) -> Path:
         return self.folder / f"{image_id}.npy"
+
+    @contextlib.contextmanager
+    def _locked(self, image_id: str) -> Iterator[None]:
+        """Hold the image's lock (shared with other processes using the same folder)."""
+        if fcntl is None:
+            yield
+            return
+        locks = self.folder / ".locks"
+        locks.mkdir(exist_ok=True)
+        stripe = zlib.crc32(image_id.encode("utf-8")) % N_LOCKS
+        with open(locks / f"{stripe:02d}.lock", "ab") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def read(self, image_id: str) -> np.ndarray:
         """Stored uint8 maps (C, S, S) (zeros when absent)."""
@@ -122,9 +152,10 @@ class OAAStore:
             a = aug[b].cpu() if aug is not None else torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0])
             maps, (y0, x0, y1, x1) = invert_augmentation(cams[b, classes], a, self.size)
             new = np.round(maps.clamp(0, 1).numpy() * 255.0).astype(np.uint8)
-            arr = self.read(image_id)
-            region = arr[classes, y0:y1, x0:x1]
-            arr[classes, y0:y1, x0:x1] = np.maximum(region, new)
-            self._write(image_id, arr)
+            with self._locked(image_id):
+                arr = self.read(image_id)
+                region = arr[classes, y0:y1, x0:x1]
+                arr[classes, y0:y1, x0:x1] = np.maximum(region, new)
+                self._write(image_id, arr)
             n += len(classes)
         return n
