@@ -84,6 +84,16 @@ def setup_logging(args: argparse.Namespace, logfile: str | None = None) -> None:
         root.addHandler(fh)
 
 
+def progress_bar(**kwargs):
+    """A tqdm bar; where stderr is not a terminal (a SLURM job log, CI, a pipe) it redraws at
+    most every 30 s instead of filling the log with one line per update."""
+    from tqdm import tqdm
+
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", 30.0)
+    return tqdm(**kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (also used by the console script)."""
     parser = build_parser()

@@ -62,9 +62,9 @@ def evaluate_cell(args: argparse.Namespace, out: Path) -> dict:
     predictor = Predictor.from_run(run_dir, device=args.device)
     bar = None
     if not args.quiet:
-        from tqdm import tqdm
+        from napari_cpgcn.cli import progress_bar
 
-        bar = tqdm(total=len(ids), desc="cell level", unit="img")
+        bar = progress_bar(total=len(ids), desc="cell level", unit="img")
     tables: list = []
     try:
         res = evaluate_predictor(predictor, args.data, ids, truth, segmentation=args.segmentation,

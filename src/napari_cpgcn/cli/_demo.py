@@ -81,8 +81,7 @@ def auto_threads() -> int:
 
 def make_data(out: Path, n_images: int, size: int, seed: int, quiet: bool) -> Path:
     """The synthetic data set (reused when ``synth.json`` says it was made with these settings)."""
-    from tqdm import tqdm
-
+    from napari_cpgcn.cli import progress_bar
     from napari_cpgcn.synth import generate_dataset
 
     data = out / "data"
@@ -99,7 +98,7 @@ def make_data(out: Path, n_images: int, size: int, seed: int, quiet: bool) -> Pa
         log.info("data: settings changed; making a new data set, run and predictions in %s", out)
         for sub in ("data", "run", "predictions"):
             shutil.rmtree(out / sub, ignore_errors=True)
-    with tqdm(total=n_images, desc="1/4 synthetic data", unit="img", disable=quiet) as bar:
+    with progress_bar(total=n_images, desc="1/4 synthetic data", unit="img", disable=quiet) as bar:
         generate_dataset(data, n_images, size=size, seed=seed, progress=bar)
     return data
 
@@ -120,8 +119,7 @@ def split(data: Path, n_test: int) -> tuple[Path, list[str], list[str]]:
 
 def train(data: Path, train_csv: Path, run_dir: Path, args: argparse.Namespace) -> Path:
     """Train the whole pipeline with the tiny preset (finished stages are skipped on rerun)."""
-    from tqdm import tqdm
-
+    from napari_cpgcn.cli import progress_bar
     from napari_cpgcn.pipeline import PipelineConfig, train_pipeline
     from napari_cpgcn.training.events import EventKind
 
@@ -136,7 +134,7 @@ def train(data: Path, train_csv: Path, run_dir: Path, args: argparse.Namespace) 
                 stage = ev.stage
                 if bar is not None:
                     bar.close()
-                bar = tqdm(desc=f"2/4 train: {stage}", unit="batch", disable=quiet, leave=False)
+                bar = progress_bar(desc=f"2/4 train: {stage}", unit="batch", disable=quiet, leave=False)
             elif ev.kind == EventKind.STAGE_END:
                 log.info("train: %s %s", ev.stage, ev.message)
             elif ev.kind in (EventKind.BATCH, EventKind.ITEM) and bar is not None:
@@ -158,9 +156,8 @@ def train(data: Path, train_csv: Path, run_dir: Path, args: argparse.Namespace) 
 
 def predict(data: Path, run_dir: Path, pred_dir: Path, test_ids: list[str], device: str, quiet: bool):
     """Predict the held-out images with the batch engine."""
-    from tqdm import tqdm
-
     from napari_cpgcn.batch import BatchConfigError, BatchOptions, predict_folder
+    from napari_cpgcn.cli import progress_bar
     from napari_cpgcn.training.events import EventKind
 
     options = BatchOptions(device=device, submission=True)
@@ -173,7 +170,7 @@ def predict(data: Path, run_dir: Path, pred_dir: Path, test_ids: list[str], devi
         events = predict_folder(data / "images", run_dir, pred_dir, options, image_ids=test_ids)
         first = next(events)
     summary = None
-    with tqdm(total=len(test_ids), initial=first.batch, desc="3/4 predict", unit="img", disable=quiet) as bar:
+    with progress_bar(total=len(test_ids), initial=first.batch, desc="3/4 predict", unit="img", disable=quiet) as bar:
         for ev in events:
             if ev.kind == EventKind.ITEM:
                 bar.update(1)
@@ -299,6 +296,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     times["total"] = time.perf_counter() - t0
     scores["seconds"] = {k: round(v, 1) for k, v in times.items()}
     scores["failed_images"] = summary.n_failed if summary is not None else None
+    scores["torch_threads"] = threads
     from napari_cpgcn.io.tables import atomic_write_text
 
     atomic_write_text(out / "demo.json", json.dumps(scores, indent=1) + "\n")
@@ -314,6 +312,6 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     w(f"\n{len(train_ids)} training / {len(test_ids)} test images of {args.size}px; "
       f"{scores['n_predicted_cells']} cells predicted, {scores['n_true_cells']} true; "
       f"time {times['total']:.0f} s (data {times['data']:.0f}, train {times['train']:.0f}, "
-      f"predict {times['predict']:.0f}, evaluate {times['evaluate']:.0f}).\n"
+      f"predict {times['predict']:.0f}, evaluate {times['evaluate']:.0f}); {threads} torch thread(s).\n"
       f"Trained run: {run_dir}  (napari-cpgcn predict IMAGES --model {run_dir} --out OUT)\n")
     return EXIT_OK

@@ -92,9 +92,9 @@ def evaluate_image(args: argparse.Namespace, out: Path) -> dict:
     probs = []
     bar = None
     if not args.quiet:
-        from tqdm import tqdm
+        from napari_cpgcn.cli import progress_bar
 
-        bar = tqdm(total=len(ids), desc="image model", unit="img")
+        bar = progress_bar(total=len(ids), desc="image model", unit="img")
     try:
         for start in range(0, len(ids), args.batch_size):
             chunk = ids[start:start + args.batch_size]

@@ -110,9 +110,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"mask folder {masks} not found; give --masks")
     bar = None
     if not args.quiet:
-        from tqdm import tqdm
+        from napari_cpgcn.cli import progress_bar
 
-        bar = tqdm(desc="export-kaggle", unit="img")
+        bar = progress_bar(desc="export-kaggle", unit="img")
     try:
         n, failed = export_submission(cells_csv, masks, args.out, args.score, args.min_score, bar)
     finally:

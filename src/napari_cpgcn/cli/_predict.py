@@ -127,7 +127,7 @@ def _run(args: argparse.Namespace, input_dir: Path, out: Path) -> int:
     log.info("predict %s with %s -> %s", input_dir, model, out)
     summary = None
     bar = None
-    from tqdm import tqdm
+    from napari_cpgcn.cli import progress_bar
 
     events = folder_events(args, predict_folder, "predict_folder_distributed", input_dir, model, out, options)
     with progress_logging():
@@ -135,7 +135,7 @@ def _run(args: argparse.Namespace, input_dir: Path, out: Path) -> int:
             for ev in events:
                 if ev.kind == EventKind.STAGE_START:
                     log.info("%s", ev.message)
-                    bar = tqdm(total=ev.n_batches, initial=ev.batch, unit="img", desc="predict",
+                    bar = progress_bar(total=ev.n_batches, initial=ev.batch, unit="img", desc="predict",
                                disable=args.quiet, dynamic_ncols=True)
                 elif ev.kind == EventKind.ITEM and bar is not None:
                     bar.update(1)

@@ -99,9 +99,9 @@ def run(args: argparse.Namespace) -> int:
             if ev.kind == EventKind.STAGE_START:
                 log.info("%s", ev.message)
                 if not args.quiet:
-                    from tqdm import tqdm
+                    from napari_cpgcn.cli import progress_bar
 
-                    bar = tqdm(total=ev.n_batches, desc="segment", unit="img")
+                    bar = progress_bar(total=ev.n_batches, desc="segment", unit="img")
             elif ev.kind == EventKind.ITEM:
                 if bar is not None:
                     bar.update(1)

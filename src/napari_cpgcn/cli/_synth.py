@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
 
     bar = None
     if not args.quiet:
-        from tqdm import tqdm
+        from napari_cpgcn.cli import progress_bar
 
-        bar = tqdm(total=args.n_images, desc="synth", unit="img")
+        bar = progress_bar(total=args.n_images, desc="synth", unit="img")
     try:
         out = generate_dataset(args.out, args.n_images, size=args.size, seed=args.seed,
                                heterogeneity=args.heterogeneity, progress=bar,

@@ -121,11 +121,11 @@ class TrainingBars:
 
     def open(self, total: int | None, desc: str, unit: str) -> None:
         """Close the open bar and (unless quiet) open a new one."""
-        from tqdm import tqdm
+        from napari_cpgcn.cli import progress_bar
 
         self.close()
         if not self.quiet:
-            self.bar = tqdm(total=total or None, desc=desc, unit=unit, leave=True, dynamic_ncols=True)
+            self.bar = progress_bar(total=total or None, desc=desc, unit=unit, leave=True, dynamic_ncols=True)
 
     def handle(self, ev) -> int | None:
         """Show one training event; an exit code ends the run."""
