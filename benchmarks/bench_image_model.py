@@ -64,7 +64,11 @@ def pretrain(work: Path, args: argparse.Namespace) -> Path:
     if not (d / "train.csv").is_file():
         generate_dataset(d, args.pretrain_n, size=args.size, seed=3000, heterogeneity=args.heterogeneity,
                          cell_scale=args.cell_scale)
-    run = work / "runs" / f"pretrain_cnn_n{args.pretrain_n}_e{args.pretrain_epochs}_os{args.output_stride}"
+    # every setting that shapes the pretrained backbone is in the name, so a cached one is reused only
+    # for the same settings
+    run = work / "runs" / (f"pretrain_cnn_n{args.pretrain_n}_e{args.pretrain_epochs}_os{args.output_stride}_"
+                           f"{args.backbone}_i{args.image_size}_b{args.batch_size}_lr{args.lr:g}_"
+                           f"s{args.size}_c{args.cell_scale}_h{args.heterogeneity}")
     ckpt = run / "latest.pt"
     if (run / "done").is_file():
         return ckpt
@@ -104,7 +108,7 @@ def worker(args: argparse.Namespace) -> None:
     tag += (f"_res{args.gcn_residual_std:g}" if args.gcn_residual_std else "_res") if args.gcn_residual else ""
     tag += "_learnv" if args.gcn_learn_inputs else ""
     tag += f"_os{args.output_stride}" if args.output_stride != 32 else ""
-    tag += f"_pt{Path(args.init_from).parent.name.split('_n')[1]}" if args.init_from else ""
+    tag += f"_pt{Path(args.init_from).parent.name.split('_n')[1].split('_')[0]}" if args.init_from else ""
     tag += f"_e{args.epochs}_n{train_dir.name.split('_')[1][1:]}"
     run = Path(args.work) / "runs" / f"{args.variant.replace('+', '_')}_seed{args.seed}{tag}"
     cfg = ImageModelConfig(

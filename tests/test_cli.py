@@ -308,5 +308,5 @@ def test_train_image_init_from_an_earlier_run(synth_data, trained_run, tmp_path)
     assert not (tmp_path / "a" / "latest.pt").exists()
     assert main([*base, "--out", str(tmp_path / "b"), "--init-from", str(trained_run)]) == EXIT_OK
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())
-    assert cfg["init_from"] == str(trained_run)
-    assert str(trained_run / "image_model" / "best.pt") in (tmp_path / "b" / "train-image.log").read_text()
+    assert cfg["init_from"] == str(trained_run.resolve())
+    assert str(trained_run.resolve() / "refine" / "best.pt") in (tmp_path / "b" / "train-image.log").read_text()

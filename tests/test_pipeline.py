@@ -247,13 +247,26 @@ def test_fine_tune_a_pipeline_from_an_earlier_run(trained_run, synth_data, tmp_p
 
     run, _ = trained_run
     cfg = _tiny().starting_from(run)
+    run = run.resolve()
     assert cfg.image.init_from == cfg.cell.init_from == str(run)
     events = _drain(train_pipeline(synth_data / "images", synth_data / "train.csv", tmp_path / "ft", cfg))
     assert events[-1].kind == EventKind.DONE
     logs = " ".join(e.message or "" for e in events if e.kind == EventKind.LOG)
-    assert str(run / "image_model" / "best.pt") in logs
+    assert str(run / "refine" / "best.pt") in logs  # the refined image model the run predicts with
     assert f"cell backbone initialised from {run / 'cell_model' / 'best.pt'}" in logs
     assert _tiny().starting_from(None).image.init_from is None
+    # starting a run from itself would delete the models it starts from: refused up front
+    with pytest.raises(ValueError, match="lies inside the run folder"):
+        _drain(train_pipeline(synth_data / "images", synth_data / "train.csv", tmp_path / "ft",
+                              _tiny().starting_from(tmp_path / "ft")))
+    assert (tmp_path / "ft" / "image_model" / "best.pt").is_file()
+
+
+def test_stage_keys_of_older_runs_are_stable():
+    """Adding a config field must not make finished stages of existing runs look unfinished."""
+    from napari_cpgcn.pipeline import PipelineConfig, _stage_keys
+
+    assert _stage_keys(PipelineConfig())["image_model"] == "da9d751c9ca7c96c"
 
 
 def test_starting_from_is_checked_before_training(trained_run, tmp_path):
@@ -263,11 +276,16 @@ def test_starting_from_is_checked_before_training(trained_run, tmp_path):
     run, _ = trained_run
     with pytest.raises(FileNotFoundError, match="does not exist"):
         _tiny().starting_from(tmp_path / "nope")
-    with pytest.raises(ValueError, match="image backbone resnet18, this run uses resnet34"):
+    with pytest.raises(ValueError, match="resnet18 backbone but the image model here uses resnet34"):
         PipelineConfig.tiny(backbone="resnet34").starting_from(run)
+    img_only = tmp_path / "img_only"  # a folder with an image model but no cell model
+    (img_only / "image_model").mkdir(parents=True)
+    shutil.copy(run / "image_model" / "best.pt", img_only / "image_model" / "best.pt")
+    with pytest.raises(FileNotFoundError, match="holds no cell model to start from"):
+        _tiny().starting_from(img_only)
     pytest.importorskip("qtpy")
     from napari_cpgcn._widgets._train import build_config
 
     cfg = build_config("resnet18", 64, 1, 4, 2, 1, "cpu", preset="tiny (a test)", start_from=str(run))
-    assert cfg.image.init_from == cfg.cell.init_from == str(run)
+    assert cfg.image.init_from == cfg.cell.init_from == str(run.resolve())
     assert build_config("resnet18", 64, 1, 4, 2, 1, "cpu", preset="tiny (a test)").image.init_from is None

@@ -378,10 +378,10 @@ def test_init_from_an_earlier_run_starts_with_its_backbone(trained, tiny, tmp_pa
             assert torch.equal(v, saved[f"backbone.{k}"]), k
     assert not torch.equal(before, fresh.state_dict()["trunk.0.weight"])
     # another backbone, an empty folder: clear errors
-    with pytest.raises(CheckpointError, match="resnet18 backbone but this run uses resnet34"):
+    with pytest.raises(CheckpointError, match="resnet18 backbone but the image model here uses resnet34"):
         load_backbone_weights(Backbone("resnet34", weights=None), run / "latest.pt", "resnet34")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="holds no image model to start from"):
         load_backbone_weights(fresh, tmp_path / "empty", "resnet18")
 
     # through the trainer: the new run says where its backbone came from and trains from there
@@ -391,30 +391,46 @@ def test_init_from_an_earlier_run_starts_with_its_backbone(trained, tiny, tmp_pa
     assert any(e.kind == EventKind.LOG and str(run / "latest.pt") in (e.message or "") for e in events)
     assert ImageModelConfig.load(tmp_path / "ft" / "config.json").init_from == str(run / "latest.pt")
 
+    # resuming continues latest.pt: init_from is not loaded again (the source may be gone by now)
+    (tmp_path / "gone.pt").write_bytes((run / "latest.pt").read_bytes())
+    cfg2 = cfg.replace(epochs=2, init_from=str(tmp_path / "gone.pt"))
+    (tmp_path / "gone.pt").unlink()
+    events = list(train_image_model(img_dir, csv, tmp_path / "ft", cfg2, resume=True))
+    assert events[-1].kind == EventKind.DONE
+    assert any("only starts a fresh run" in (e.message or "") for e in events if e.kind == EventKind.LOG)
 
-def _bump_under_lock(folder: str, cls: int) -> None:
-    """Child process: a slow read-max-write of one class of image 'x' (as OAAStore.update does)."""
+
+def test_oaa_updates_from_several_writers_are_not_lost(tmp_path, monkeypatch):
+    """DDP ranks share the OAA folder and may update the same (padded) image at once.
+
+    Six concurrent ``update`` calls on one image, each for another class, with the
+    read–write window widened: every class must be in the file (without the lock in
+    ``update`` all but one are lost). Threads stand in for processes: ``flock`` also
+    excludes two ``open()`` of the lock file within one process.
+    """
+    import threading
     import time
 
-    store = OAAStore(folder, N_CLASSES, size=4)
-    with store._locked("x"):
-        arr = store.read("x")
-        time.sleep(0.15)  # widen the read-write window: without the lock, updates get lost
-        arr[cls] = np.maximum(arr[cls], 255)
-        store._write("x", arr)
+    store = OAAStore(tmp_path, N_CLASSES, size=4, threshold=0.0)
+    real_read = OAAStore.read
 
+    def slow_read(self, image_id):
+        arr = real_read(self, image_id)
+        time.sleep(0.1)
+        return arr
 
-def test_oaa_updates_from_several_processes_are_not_lost(tmp_path):
-    """DDP ranks share the OAA folder and may update the same (padded) image at once."""
-    import multiprocessing
+    monkeypatch.setattr(OAAStore, "read", slow_read)
 
-    ctx = multiprocessing.get_context("fork")  # the children use numpy only
-    procs = [ctx.Process(target=_bump_under_lock, args=(str(tmp_path), c)) for c in range(6)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(30)
-    assert all(p.exitcode == 0 for p in procs)
-    arr = OAAStore(tmp_path, N_CLASSES, size=4).read("x")
-    assert [int(arr[c].max()) for c in range(6)] == [255] * 6  # every process's update is there
-    assert not list(tmp_path.glob("*.tmp"))
+    def one(cls):
+        t = torch.zeros(1, N_CLASSES)
+        t[0, cls] = 1.0
+        store.update(["x"], torch.ones(1, N_CLASSES, 4, 4), t, t)
+
+    threads = [threading.Thread(target=one, args=(c,)) for c in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    arr = real_read(store, "x")
+    assert [int(arr[c].max()) for c in range(6)] == [255] * 6  # every writer's update is there
+    assert int(arr[6:].max()) == 0 and not list(tmp_path.glob("*.tmp"))

@@ -143,27 +143,26 @@ class PipelineConfig:
     def starting_from(self, run: str | Path | None) -> PipelineConfig:
         """The same settings, with the image and cell backbones started from an earlier run.
 
-        ``run`` is a finished run folder (its ``image_model`` and ``cell_model`` checkpoints are
-        used) or ``None`` (ImageNet / random init as configured). The backbones must match.
+        ``run`` is a finished pipeline run folder (the image model starts from its refined
+        image model, the cell model from its cell model) or ``None`` (ImageNet / random init as
+        configured). Both checkpoints are found and their backbones checked here, before
+        anything trains; the path is stored absolute.
 
         Raises
         ------
-        FileNotFoundError, ValueError
-            No such folder; the run was trained with other backbones or classes (checked here,
-            before anything trains, when the run's ``config.json`` is there).
+        FileNotFoundError
+            No such folder, or it lacks an image or a cell model.
+        napari_cpgcn.training.engine.CheckpointError
+            A checkpoint with another backbone, or not a napari-cpgcn checkpoint.
         """
-        src = None if run in (None, "") else str(run)
-        if src is not None:
-            folder = Path(src).expanduser()
-            if not folder.exists():
-                raise FileNotFoundError(f"{folder} does not exist: give a finished run folder to start from")
-            if folder.is_dir() and (folder / "config.json").is_file():
-                old = PipelineConfig.load(folder / "config.json")
-                for what, have, want in (("image backbone", old.image.backbone, self.image.backbone),
-                                         ("cell backbone", old.cell.backbone, self.cell.backbone)):
-                    if have != want:
-                        raise ValueError(f"{folder} was trained with the {what} {have}, this run uses {want}: "
-                                         f"choose {have} or start from another run")
+        if run in (None, ""):
+            return dataclasses.replace(self, image=self.image.replace(init_from=None),
+                                       cell=self.cell.replace(init_from=None))
+        from napari_cpgcn.training.engine import check_init_checkpoint
+
+        src = str(Path(run).expanduser().resolve())
+        check_init_checkpoint(src, self.image.backbone, "image_model")
+        check_init_checkpoint(src, self.cell.backbone, "cell_model")
         return dataclasses.replace(self, image=self.image.replace(init_from=src),
                                    cell=self.cell.replace(init_from=src))
 
@@ -229,7 +228,9 @@ class PipelineConfig:
     def stage_settings(self, stage: str) -> dict[str, Any]:
         """The settings that decide a stage's output (device and worker counts excluded)."""
         def strip(d: dict[str, Any]) -> dict[str, Any]:
-            return {k: v for k, v in d.items() if k not in ("device", "num_workers", "amp", "cache_dir")}
+            # init_from left out while unset: runs trained before the field existed keep their keys
+            return {k: v for k, v in d.items() if k not in ("device", "num_workers", "amp", "cache_dir")
+                    and not (k == "init_from" and v is None)}
 
         if stage == "image_model":
             return strip(self.image.to_dict())
@@ -508,6 +509,11 @@ def train_pipeline(
     if config is None:
         config = PipelineConfig.load(run / "config.json") if (run / "config.json").is_file() else PipelineConfig()
     config.validate()
+    for init in {config.image.init_from, config.cell.init_from} - {None}:
+        src = Path(init).expanduser().resolve()
+        if src == run.resolve() or run.resolve() in src.parents:
+            raise ValueError(f"cannot start {run} from {init}: it lies inside the run folder, whose old "
+                             "models training would replace; choose another output folder")
     config.save(run / "config.json")
     table = read_labels_csv(labels_csv)
     if len(table) == 0:

@@ -237,8 +237,9 @@ class TrainWidget(QWidget):
         self.csv_edit = PathEdit("file", "labels CSV (ID,Label)", "CSV (*.csv)")
         self.out_edit = PathEdit("dir", "output (run) folder")
         self.start_edit = PathEdit("dir", "optional: a trained run to fine-tune from")
-        self.start_edit.setToolTip("start both backbones from this run's image and cell models "
-                                   "(same backbone); empty: ImageNet weights / random init")
+        self.start_edit.setToolTip("start both backbones from this run's refined image model and cell "
+                                   "model (same backbones); empty: ImageNet weights / random init. "
+                                   "Resume continues the run's own checkpoints and ignores this field.")
         self.data_edit.setText(settings.get("train_data", ""))
         self.csv_edit.setText(settings.get("train_csv", ""))
         self.out_edit.setText(settings.get("train_out", ""))

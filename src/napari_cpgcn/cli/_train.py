@@ -80,6 +80,7 @@ def build_config(args: argparse.Namespace):
 
     from napari_cpgcn.pipeline import PipelineConfig
     from napari_cpgcn.training.config import ConfigError
+    from napari_cpgcn.training.engine import CheckpointError
 
     try:
         preset = PipelineConfig.tiny if args.preset == "tiny" else PipelineConfig.paper
@@ -128,7 +129,7 @@ def build_config(args: argparse.Namespace):
             cfg = cfg.starting_from(init_from(args.init_from))
         cfg.validate()
         return cfg
-    except (ConfigError, TypeError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, TypeError, ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
 
 

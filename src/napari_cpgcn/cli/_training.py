@@ -59,9 +59,10 @@ def init_from(text: str) -> str | None:
     """The value of ``--init-from``: None for 'none' or ''; an existing path otherwise."""
     if text.lower() in ("none", ""):
         return None
-    if not Path(text).expanduser().exists():
+    path = Path(text).expanduser()
+    if not path.exists():
         raise UsageError(f"--init-from {text} does not exist: give a finished run folder or a .pt checkpoint")
-    return text
+    return str(path.resolve())  # stored in config.json: resumable from any working directory
 
 
 def base_config(args: argparse.Namespace, load: Callable[[Any], Any], default: Callable[[], Any], *,

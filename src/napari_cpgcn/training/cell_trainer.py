@@ -282,7 +282,7 @@ def train_cell_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = build_cell_model(config, weights=None if config.init_from else "config")
-    if config.init_from:
+    if config.init_from and not (resume and (run_dir / "latest.pt").is_file()):  # a resume loads latest.pt
         used = load_backbone_weights(model.backbone, config.init_from, config.backbone, stage="cell_model")
         yield Event(EventKind.LOG, stage=stage, message=f"cell backbone initialised from {used}")
     n_pos = targets[train_rows].sum(0)

@@ -59,6 +59,8 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_backbone_weights",
+    "resolve_init_checkpoint",
+    "check_init_checkpoint",
     "state_digest",
     "default_logits",
     "evaluate_loader",
@@ -281,36 +283,68 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     return ckpt
 
 
+#: Where a run folder keeps the checkpoint each model starts from (first found wins): the
+#: refined image model a pipeline run predicts with, then the plain image model, then a
+#: ``train-image`` folder's own files.
+INIT_CANDIDATES = {
+    "image_model": ("refine/best.pt", "refine/latest.pt", "image_model/best.pt", "image_model/latest.pt",
+                    "best.pt", "latest.pt"),
+    "cell_model": ("cell_model/best.pt", "cell_model/latest.pt"),
+}
+
+
+def resolve_init_checkpoint(source: str | Path, stage: str = "image_model") -> Path:
+    """The checkpoint a model of ``stage`` starts from: ``source`` itself (a ``.pt``) or, for a
+    run folder, the first of :data:`INIT_CANDIDATES` that exists.
+
+    Raises
+    ------
+    FileNotFoundError
+        Nothing there, naming what was looked for.
+    """
+    src = Path(source).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist: give a finished run folder or a .pt checkpoint")
+    if src.is_file():
+        return src
+    cands = INIT_CANDIDATES.get(stage, (f"{stage}/best.pt", f"{stage}/latest.pt"))
+    for cand in cands:
+        if (src / cand).is_file():
+            return src / cand
+    raise FileNotFoundError(
+        f"{src} holds no {stage.replace('_', ' ')} to start from (looked for {', '.join(cands)}); "
+        "give a finished run folder or a .pt file")
+
+
+def check_init_checkpoint(source: str | Path, name: str, stage: str = "image_model") -> tuple[Path, dict]:
+    """Resolve and read the checkpoint a ``name`` backbone starts from; refuse another backbone.
+
+    Returns ``(path, checkpoint)``. Cheap enough to call before any training starts.
+    """
+    src = resolve_init_checkpoint(source, stage)
+    ckpt = load_checkpoint(src, "cpu")
+    have = ckpt.get("meta", {}).get("backbone")
+    if have != name:
+        raise CheckpointError(
+            f"{src} holds a {have} backbone but the {stage.replace('_', ' ')} here uses {name}: choose the "
+            f"backbone {have} or start from a checkpoint with a {name} backbone")
+    return src, ckpt
+
+
 def load_backbone_weights(backbone: nn.Module, source: str | Path, name: str, stage: str = "image_model") -> Path:
     """Start ``backbone`` from the backbone of an earlier napari-cpgcn model (fine-tuning).
 
-    ``source`` is an image- or cell-model checkpoint, or a run folder (its
-    ``{stage}/best.pt``, else ``{stage}/latest.pt``, or a training folder's own
-    ``best.pt``/``latest.pt``). Only backbone tensors are taken; the input normalisation
-    (``mean``/``std``) stays the new run's. Returns the checkpoint used.
+    ``source`` is an image- or cell-model checkpoint or a run folder (see
+    :func:`resolve_init_checkpoint`: a pipeline run's refined image model / cell model, or a
+    ``train-image`` folder's ``best.pt``). Only backbone tensors are taken; the input
+    normalisation (``mean``/``std``) stays the new run's. Returns the checkpoint used.
 
     Raises
     ------
     FileNotFoundError, CheckpointError
         No checkpoint there; not a napari-cpgcn checkpoint; another backbone.
     """
-    src = Path(source).expanduser()
-    if src.is_dir():
-        cands = (f"{stage}/best.pt", f"{stage}/latest.pt", "best.pt", "latest.pt")
-        for cand in cands:
-            if (src / cand).is_file():
-                src = src / cand
-                break
-        else:
-            raise FileNotFoundError(
-                f"{src} holds no checkpoint to start from (looked for {', '.join(cands)}); "
-                "give a run folder or a .pt file")
-    ckpt = load_checkpoint(src, "cpu")
-    have = ckpt.get("meta", {}).get("backbone")
-    if have != name:
-        raise CheckpointError(
-            f"{src} holds a {have} backbone but this run uses {name}: train with --backbone {have} "
-            "or start from a checkpoint of the same backbone")
+    src, ckpt = check_init_checkpoint(source, name, stage)
     state = {k[len("backbone."):]: v for k, v in ckpt["model"].items()
              if k.startswith("backbone.") and k not in ("backbone.mean", "backbone.std")}
     if not state:

@@ -162,7 +162,12 @@ def train_image_model(
     seed_everything(config.seed)  # the same seed gives the same initial weights
     model = build_image_model(config, label_matrix=train_table.labels,
                               weights=None if config.init_from else "config")
-    if config.init_from:
+    if config.init_from and resume and (run_dir / "latest.pt").is_file():
+        msg = (f"resuming from {run_dir / 'latest.pt'}: init_from ({config.init_from}) only starts a fresh "
+               "run (use --no-resume to start again from it)")
+        log.warning(msg)
+        yield Event(EventKind.LOG, stage=stage, message=msg)
+    elif config.init_from:
         model.backbone.weights_source = str(load_backbone_weights(model.backbone, config.init_from, config.backbone))
     init_class_bias(model, train_table.labels)
     model.image_size = config.image_size

@@ -87,9 +87,15 @@ class OAAStore:
     def path(self, image_id: str) -> Path:
         return self.folder / f"{image_id}.npy"
 
+    _lock_warned = False
+
     @contextlib.contextmanager
     def _locked(self, image_id: str) -> Iterator[None]:
-        """Hold the image's lock (shared with other processes using the same folder)."""
+        """Hold the image's lock (shared with other processes using the same folder).
+
+        File systems without ``flock`` (Lustre mounted without ``-o flock``, NFS without a lock
+        daemon) raise OSError: then one warning, and the update goes on unlocked.
+        """
         if fcntl is None:
             yield
             return
@@ -97,7 +103,15 @@ class OAAStore:
         locks.mkdir(exist_ok=True)
         stripe = zlib.crc32(image_id.encode("utf-8")) % N_LOCKS
         with open(locks / f"{stripe:02d}.lock", "ab") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            except OSError as e:
+                if not OAAStore._lock_warned:
+                    OAAStore._lock_warned = True
+                    log.warning("OAA: %s does not support file locks (%s); under DDP an image repeated "
+                                "on two ranks may lose one update per epoch", self.folder, e)
+                yield
+                return
             try:
                 yield
             finally:
