@@ -68,6 +68,11 @@ def main(argv=None) -> int:
     ap.add_argument("--cell-epochs", type=int, default=8)
     ap.add_argument("--crop-size", type=int, default=64)
     ap.add_argument("--ks", default="1,5,10")
+    ap.add_argument("--output-stride", type=int, default=32, choices=[16, 32],
+                    help="image-model backbone stride (16: dilated last ResNet stage, finer CAMs)")
+    ap.add_argument("--init-from", default="",
+                    help="checkpoint or run whose backbone starts the image and cell models (a pretrained "
+                         "start, e.g. bench_image_model's --pretrain-n backbone); empty: from scratch")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -100,8 +105,10 @@ def main(argv=None) -> int:
 
     base = PipelineConfig.tiny(backbone=args.backbone, image_size=args.image_size, epochs=args.image_epochs,
                                seed=args.seed, device="cpu")
-    base.image = base.image.replace(batch_size=8, gcn_hidden=256, oaa_size=32)
-    base.cell = base.cell.replace(crop_size=args.crop_size, epochs=args.cell_epochs, batch_size=32)
+    init = str(Path(args.init_from).resolve()) if args.init_from else None
+    base.image = base.image.replace(batch_size=8, gcn_hidden=256, oaa_size=32, output_stride=args.output_stride,
+                                    init_from=init)
+    base.cell = base.cell.replace(crop_size=args.crop_size, epochs=args.cell_epochs, batch_size=32, init_from=init)
 
     def cfg_for(k: int, rounds: int, mode: str = "pseudo") -> PipelineConfig:
         import dataclasses
@@ -175,7 +182,8 @@ def main(argv=None) -> int:
     print(f"Synthetic data: {args.n_train} train / {len(test_ids)} test images, {args.size}² px, heterogeneity "
           f"{args.heterogeneity}, {n_cells_test} test cells; {args.backbone}, image {args.image_size}² x "
           f"{args.image_epochs} epochs, refinement {args.rounds} rounds x {args.refine_epochs} epochs, cell crops "
-          f"{args.crop_size}² x {args.cell_epochs} epochs; {args.threads} CPU thread(s); total {total / 60:.1f} min "
+          f"{args.crop_size}² x {args.cell_epochs} epochs; output stride {args.output_stride}; start "
+          f"{args.init_from or 'random'}; {args.threads} CPU thread(s); total {total / 60:.1f} min "
           f"wall-clock, {(time.process_time() - cpu_start) / 60:.1f} min CPU")
     print()
     print("| cell-level mAP (Kaggle, IoU >= 0.6) on the test images | classical segmentation | true cells |")
