@@ -13,13 +13,7 @@ from napari_cpgcn.pseudolabels import cell_mean_activation, normalise_cam, resiz
 from napari_cpgcn.training.config import ConfigError, ImageModelConfig  # noqa: E402
 from napari_cpgcn.training.inference import predict_images  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(**kw) -> ImageModelConfig:

@@ -27,13 +27,7 @@ from napari_cpgcn.models.backbone import WeightsNotFoundError, imagenet_weight_c
 from napari_cpgcn.models.gcn import cooccurrence_adjacency, normalize_adjacency  # noqa: E402
 from napari_cpgcn.training.config import ImageModelConfig  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
