@@ -128,7 +128,8 @@ def peak_rss_mb() -> float:
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from napari_cpgcn.batch import BatchOptions, load_predictor, run_predict_folder
+    from napari_cpgcn.batch import BatchOptions, run_predict_folder
+    from napari_cpgcn.pipeline.predictor import load_predictor
 
     torch.set_num_threads(args.threads)
     totals = instrument() if args.stages else {}

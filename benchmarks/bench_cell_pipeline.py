@@ -30,15 +30,15 @@ from pathlib import Path
 def localisation_auc(pl, masks_dir, truth) -> float:
     """Mean within-image ROC AUC of the cells' mean activation (``act_S``) for expressing vs other cells."""
     import numpy as np
-    import tifffile
     from sklearn.metrics import roc_auc_score
 
     from napari_cpgcn.classes import NEGATIVE, SHORT_NAMES
-    from napari_cpgcn.evaluation.cell import match_cells
+    from napari_cpgcn.evaluation.matching import match_labels
+    from napari_cpgcn.io.masks import read_mask
 
     aucs = []
     for iid, sub in pl.groupby("image_id"):
-        pairs = {p: t for p, t, _ in match_cells(tifffile.imread(Path(masks_dir) / f"{iid}.tif"), truth.mask(iid))}
+        pairs = dict(zip(*match_labels(read_mask(Path(masks_dir) / f"{iid}.tif"), truth.mask(iid))[:2], strict=True))
         rows = [(r, pairs[int(c)]) for r, c in enumerate(sub["cell_id"]) if int(c) in pairs]
         if len(rows) < 2:
             continue
@@ -82,11 +82,12 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from napari_cpgcn.evaluation.cell import CellTruth, evaluate_predictor, evaluate_pseudo_labels
+    from napari_cpgcn.events import EventKind
     from napari_cpgcn.io.tables import read_labels_csv, write_labels_csv
-    from napari_cpgcn.pipeline import PipelineConfig, Predictor, train_pipeline
-    from napari_cpgcn.pseudolabels import read_pseudolabels
+    from napari_cpgcn.pipeline import PipelineConfig, train_pipeline
+    from napari_cpgcn.pipeline.predictor import CPGCNPredictor
     from napari_cpgcn.synth import generate_dataset
-    from napari_cpgcn.training.events import EventKind
+    from napari_cpgcn.training.pseudolabels import read_pseudolabels
 
     t_start = time.perf_counter()
     cpu_start = time.process_time()
@@ -168,11 +169,11 @@ def main(argv=None) -> int:
 
     # 4. test-set cell-level mAP (classical segmentation of the test images)
     t = time.perf_counter()
-    res_p = evaluate_predictor(Predictor.from_run(run_p, device="cpu"), data / "images", test_ids, truth)
-    res_b = evaluate_predictor(Predictor.from_run(run_b, device="cpu"), data / "images", test_ids, truth)
-    res_pt = evaluate_predictor(Predictor.from_run(run_p, device="cpu"), data / "images", test_ids, truth,
+    res_p = evaluate_predictor(CPGCNPredictor.from_run(run_p, device="cpu"), data / "images", test_ids, truth)
+    res_b = evaluate_predictor(CPGCNPredictor.from_run(run_b, device="cpu"), data / "images", test_ids, truth)
+    res_pt = evaluate_predictor(CPGCNPredictor.from_run(run_p, device="cpu"), data / "images", test_ids, truth,
                                 use_true_cells=True)
-    res_bt = evaluate_predictor(Predictor.from_run(run_b, device="cpu"), data / "images", test_ids, truth,
+    res_bt = evaluate_predictor(CPGCNPredictor.from_run(run_b, device="cpu"), data / "images", test_ids, truth,
                                 use_true_cells=True)
     times["evaluation"] = time.perf_counter() - t
     total = time.perf_counter() - t_start

@@ -53,7 +53,7 @@ def _cpu_s() -> float:
 def child_predict(args: argparse.Namespace) -> None:
     """One prediction configuration; prints a JSON line."""
     from napari_cpgcn.batch import BatchOptions, predict_folder
-    from napari_cpgcn.training.events import EventKind
+    from napari_cpgcn.events import EventKind
 
     opts = BatchOptions(device="cpu")
     t = time.perf_counter()
@@ -66,7 +66,7 @@ def child_predict(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
         events = predict_folder(args.images, args.model, args.out, opts)
     else:
-        from napari_cpgcn.distributed import predict_folder_distributed
+        from napari_cpgcn.batch.dask import predict_folder_distributed
 
         events = predict_folder_distributed(args.images, args.model, args.out, opts, cluster=args.mode,
                                             torch_threads=args.threads)

@@ -3,7 +3,7 @@
 A QTimer ticks every ``--tick-ms`` on the GUI thread; the delay of a tick is how much later than
 scheduled it fired — the time the event loop was busy (handling the worker's events, redrawing
 the loss plot, painting the canvas). It is measured while idle (baseline) and while the whole
-pipeline trains on a small synthetic set through :class:`~napari_cpgcn._widgets._train.TrainWidget`.
+pipeline trains on a small synthetic set through :class:`~napari_cpgcn._napari.widgets.train.TrainWidget`.
 Target: worst delay < 200 ms.
 
 Run (needs an X server; under a headless machine use Xvfb)::
@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     from qtpy.QtCore import QElapsedTimer, QTimer
     from qtpy.QtWidgets import QApplication
 
-    from napari_cpgcn._widgets._browser import BrowserWidget
-    from napari_cpgcn._widgets._common import prepare_torch
-    from napari_cpgcn._widgets._train import TrainWidget
+    from napari_cpgcn._napari.widgets.browser import BrowserWidget
+    from napari_cpgcn._napari.widgets.common import prepare_torch
+    from napari_cpgcn._napari.widgets.train import TrainWidget
     from napari_cpgcn.synth import generate_dataset
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_gui_"))

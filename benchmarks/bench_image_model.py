@@ -55,9 +55,9 @@ def pretrain(work: Path, args: argparse.Namespace) -> Path:
     """Train (once, cached) the ``cnn`` model whose backbone every variant starts from."""
     import torch
 
+    from napari_cpgcn.events import EventKind
     from napari_cpgcn.synth import generate_dataset
     from napari_cpgcn.training.config import ImageModelConfig
-    from napari_cpgcn.training.events import EventKind
     from napari_cpgcn.training.image_trainer import train_image_model
 
     d = work / f"pretrain_n{args.pretrain_n}_s{args.size}_c{args.cell_scale}_h{args.heterogeneity}_seed3000"
@@ -95,12 +95,13 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     from napari_cpgcn.evaluation.image import mean_average_precision, per_class_ap
+    from napari_cpgcn.events import EventKind
     from napari_cpgcn.io.tables import read_labels_csv
+    from napari_cpgcn.pipeline.inference import predict_images
+    from napari_cpgcn.training.checkpoint import load_image_model
     from napari_cpgcn.training.config import ImageModelConfig
     from napari_cpgcn.training.datasets import ImageIndex
-    from napari_cpgcn.training.events import EventKind
     from napari_cpgcn.training.image_trainer import train_image_model
-    from napari_cpgcn.training.inference import load_image_model, predict_images
 
     train_dir, test_dir = Path(args.train_dir), Path(args.test_dir)
     tag = "" if (args.cpm_norm, args.gcn_lr_scale, args.gcn_center) == ("sigmoid", 0.01, 0) \

@@ -1,32 +1,28 @@
-"""A tiny deterministic predictor with the pipeline's ``predict()`` contract, and the small
-synthetic images it is run on (test-only; shared by the batch and the distributed tests, so it
+"""Tiny deterministic predictors implementing :class:`napari_cpgcn.pipeline.Predictor`, and the
+small synthetic images they are run on (test-only; shared by the batch and the distributed tests, so it
 lives in a module that Dask worker processes can import)."""
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
-from napari_cpgcn.celltable import cell_geometry
-from napari_cpgcn.classes import CHANNELS, N_CLASSES, SHORT_NAMES
-
-
-@dataclass
-class FakePrediction:
-    image_id: str
-    image_probs: np.ndarray
-    cams: np.ndarray | None
-    cells: np.ndarray
-    table: pd.DataFrame
+from napari_cpgcn.classes import CHANNELS, N_CLASSES
+from napari_cpgcn.io.celltable import cell_geometry
+from napari_cpgcn.pipeline.predictor import CellPrediction
 
 
 class ThresholdPredictor:
-    """Cells = connected components of the blue channel; probabilities from the pixel values."""
+    """Cells = connected components of the blue channel; probabilities from the pixel values.
+
+    Implements :class:`napari_cpgcn.pipeline.Predictor`; its table comes from the real
+    :meth:`CellPrediction.from_parts`, so only the models are fake.
+    """
+
+    run_dir = None
 
     def __init__(self) -> None:
         self.calls = 0
@@ -38,7 +34,7 @@ class ThresholdPredictor:
     def __setstate__(self, state):
         self.__init__()
 
-    def predict(self, image, cells=None, segmentation="classical", with_cams=True):
+    def predict(self, image, cells=None, segmentation=None, with_cams=True):
         from scipy import ndimage as ndi
 
         with self.lock:
@@ -51,15 +47,40 @@ class ThresholdPredictor:
         image_probs = rng.random(N_CLASSES)
         geo = cell_geometry(cells, image.image_id)
         cell_p = rng.random((len(geo), N_CLASSES))
-        table = geo.copy()
-        fused = image_probs[None, :] * cell_p
-        table["top_class"] = [SHORT_NAMES[k] for k in fused.argmax(1)] if len(geo) else []
-        for prefix, arr in (("image", np.repeat(image_probs[None], len(geo), 0)), ("cell", cell_p), ("fused", fused)):
-            for k, s in enumerate(SHORT_NAMES):
-                table[f"{prefix}_{s}"] = arr[:, k]
         cams = (np.broadcast_to(data[1][None], (N_CLASSES, *data.shape[1:])) * image_probs[:, None, None]
                 if with_cams else None)
-        return FakePrediction(image.image_id, image_probs, cams, cells, table)
+        return CellPrediction.from_parts(image.image_id, cells, image_probs, cell_p, cams, geo)
+
+
+class GridPredictor:
+    """Cells = a 2x2 grid of squares; nucleoli (2) everywhere, golgi (7) in the left cells
+    (the widgets' stand-in; implements :class:`napari_cpgcn.pipeline.Predictor`)."""
+
+    run_dir = None
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+        self.calls = []
+
+    def predict(self, image, cells=None, segmentation=None, with_cams=True):
+        self.calls.append((image.image_id, cells is not None, segmentation))
+        if self.fail:
+            raise RuntimeError("model exploded")
+        y, x = image.shape
+        if cells is None:
+            cells = np.zeros((y, x), np.uint32)
+            for k, (sy, sx) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+                cells[sy * y // 2 + 2: (sy + 1) * y // 2 - 2, sx * x // 2 + 2: (sx + 1) * x // 2 - 2] = k + 1
+        geo = cell_geometry(cells, image.image_id)
+        probs = np.full(N_CLASSES, 0.02)
+        probs[[2, 7]] = [0.9, 0.85]
+        cams = np.zeros((N_CLASSES, y, x), np.float32)
+        cams[2] = 1.0
+        cams[7, :, : x // 2] = 1.0
+        cell = np.full((len(geo), N_CLASSES), 0.1)
+        cell[:, 2] = 0.8
+        cell[geo["centroid_x"].to_numpy() < x / 2, 7] = 0.95
+        return CellPrediction.from_parts(image.image_id, cells, probs, cell, cams, geo)
 
 
 def write_image(folder: Path, image_id: str, rng: np.random.Generator, size: int = 48) -> None:

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# GUI tests load Mesa's software OpenGL (libLLVM) into this process; loading Triton's own LLVM
+# after it (torchvision imports torch._dynamo, which imports triton) segfaults. The plugin never
+# uses torch.compile, and its widgets hide triton the same way (widgets.common.prepare_torch);
+# here it is hidden for the whole session, whatever order the tests run in.
+sys.modules.setdefault("triton", None)  # type: ignore[arg-type]
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NAPARI_CPGCN_SHARED_DATA", REPO.parent / "shared" / "data"))

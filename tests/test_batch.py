@@ -23,7 +23,6 @@ import tifffile
 from _fake_predictor import ThresholdPredictor  # noqa: E402
 from _fake_predictor import write_image as _write_image  # noqa: E402
 
-from napari_cpgcn import batch
 from napari_cpgcn.batch import (
     CELL_COLUMNS,
     IMAGE_COLUMNS,
@@ -35,9 +34,13 @@ from napari_cpgcn.batch import (
     process_image,
     run_predict_folder,
 )
+from napari_cpgcn.batch import local as batch_local
+from napari_cpgcn.batch import outputs as batch_outputs
 from napari_cpgcn.classes import N_CLASSES, SHORT_NAMES
+from napari_cpgcn.events import EventKind
+from napari_cpgcn.io.masks import read_mask
 from napari_cpgcn.io.rle import read_submission
-from napari_cpgcn.training.events import EventKind
+from napari_cpgcn.pipeline import resolve_model_path
 
 
 @pytest.fixture
@@ -83,7 +86,8 @@ def test_predict_folder_writes_every_output(folder, tmp_path):
     assert list(images.image_id) == [f"img{i:02d}" for i in range(7)]
     # one row per cell of each mask, ids matching the mask labels, image order then cell order
     for iid in images.image_id:
-        mask = tifffile.imread(out / "masks" / f"{iid}.tif")
+        assert tifffile.imread(out / "masks" / f"{iid}.tif").dtype == np.uint16  # ids fit: 16-bit on disk
+        mask = read_mask(out / "masks" / f"{iid}.tif")
         assert mask.dtype == np.uint32 and mask.shape == (48, 48)
         ids = np.unique(mask)
         assert list(cells.loc[cells.image_id == iid, "cell_id"]) == list(ids[ids != 0])
@@ -124,7 +128,7 @@ def test_crash_then_resume_equals_uninterrupted_run(folder, tmp_path, monkeypatc
 
     # A run killed while writing image number crash_after + 1: after its mask, before its CSV part.
     out = tmp_path / "out"
-    real = batch._write_csv
+    real = batch_outputs._write_csv
     n = {"cells": 0}
 
     def dying_write_csv(path, df):
@@ -134,10 +138,10 @@ def test_crash_then_resume_equals_uninterrupted_run(folder, tmp_path, monkeypatc
             n["cells"] += 1
         real(path, df)
 
-    monkeypatch.setattr(batch, "_write_csv", dying_write_csv)
+    monkeypatch.setattr(batch_outputs, "_write_csv", dying_write_csv)
     with pytest.raises(KeyboardInterrupt):
         run_predict_folder(folder, ThresholdPredictor(), out, BatchOptions(submission=True, batch_size=1))
-    monkeypatch.setattr(batch, "_write_csv", real)
+    monkeypatch.setattr(batch_outputs, "_write_csv", real)
     done = sorted(p.name for p in (out / "parts").glob("*.done.json"))
     assert len(done) == crash_after
     assert not (out / "cells.csv").exists()  # never a partial run-level CSV
@@ -199,7 +203,7 @@ def test_memory_is_bounded_by_batch_size(tmp_path, monkeypatch):
         _write_image(d, f"m{i:02d}", rng, size=24)
     live = {"n": 0, "max": 0}
     lock = threading.Lock()
-    real_read, real_write = batch.read_input, batch.write_image_outputs
+    real_read, real_write = batch_local.read_input, batch_local.write_image_outputs
 
     def counting_read(input_dir, image_id):
         img = real_read(input_dir, image_id)
@@ -214,8 +218,8 @@ def test_memory_is_bounded_by_batch_size(tmp_path, monkeypatch):
             live["n"] -= 1
         return rec
 
-    monkeypatch.setattr(batch, "read_input", counting_read)
-    monkeypatch.setattr(batch, "write_image_outputs", counting_write)
+    monkeypatch.setattr(batch_local, "read_input", counting_read)
+    monkeypatch.setattr(batch_local, "write_image_outputs", counting_write)
     summary = run_predict_folder(d, ThresholdPredictor(), tmp_path / "out", BatchOptions(batch_size=2, workers=3))
     assert summary.n_done == 30
     # 2*batch_size read ahead + 1 being predicted + batch_size waiting for the writer (+1 writing)
@@ -245,9 +249,10 @@ def test_stop_request_keeps_finished_images(folder, tmp_path):
 def test_other_settings_are_refused_on_resume(folder, tmp_path):
     out = tmp_path / "out"
     run_predict_folder(folder, ThresholdPredictor(), out)
+    # the first run segmented the predictor's own way (None); classical is another setting
     with pytest.raises(BatchConfigError, match="--overwrite"):
-        run_predict_folder(folder, ThresholdPredictor(), out, BatchOptions(segmentation="cellpose"))
-    run_predict_folder(folder, ThresholdPredictor(), out, BatchOptions(segmentation="cellpose", overwrite=True))
+        run_predict_folder(folder, ThresholdPredictor(), out, BatchOptions(segmentation="classical"))
+    run_predict_folder(folder, ThresholdPredictor(), out, BatchOptions(segmentation="classical", overwrite=True))
 
 
 def test_submission_decodes_to_the_masks(folder, tmp_path):
@@ -260,7 +265,7 @@ def test_submission_decodes_to_the_masks(folder, tmp_path):
     cells = pd.read_csv(out / "cells.csv")
     assert [r.image_id for r in rows] == [f"img{i:02d}" for i in range(7)]
     for r in rows:
-        mask = tifffile.imread(out / "masks" / f"{r.image_id}.tif")
+        mask = read_mask(out / "masks" / f"{r.image_id}.tif")
         assert (r.height, r.width) == mask.shape
         ids = [i for i in np.unique(mask) if i]
         assert len(r.predictions) == N_CLASSES * len(ids)
@@ -300,4 +305,4 @@ def test_empty_folder_and_bad_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="no HPA images"):
         run_predict_folder(tmp_path / "empty", ThresholdPredictor(), tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        batch.resolve_model_path(tmp_path / "empty")
+        resolve_model_path(tmp_path / "empty")

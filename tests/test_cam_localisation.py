@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from napari_cpgcn.models import Backbone, build_image_model  # noqa: E402
-from napari_cpgcn.pseudolabels import cell_mean_activation, normalise_cam, resize_map  # noqa: E402
+from napari_cpgcn.models.cpgcn import resize_cams  # noqa
+from napari_cpgcn.pipeline.inference import predict_images  # noqa
 from napari_cpgcn.training.config import ConfigError, ImageModelConfig  # noqa: E402
-from napari_cpgcn.training.inference import predict_images  # noqa: E402
+from napari_cpgcn.training.pseudolabels import cell_mean_activation, image_pseudo_labels  # noqa
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -63,8 +63,12 @@ def test_predicted_maps_are_aligned_with_the_image():
     assert act[0] > 0.5 and act[1] < 0.1, act
     # Feature-resolution maps resized in the pseudo-label step.
     _, raw = predict_images(_GreenOracle(), [img], cam_method="model", cam_size=None)
-    a = cell_mean_activation(resize_map(normalise_cam(raw[0, 0]), cells.shape), cells, np.array([1, 2]))
+    a = cell_mean_activation(resize_cams(raw[0, 0], cells.shape), cells, np.array([1, 2]))
     assert a[0] > 0.5 and a[1] < 0.1, a
+    labels = np.zeros(19, np.uint8)
+    labels[0] = 1
+    table = image_pseudo_labels("img", cells, labels, probs[0], raw[0])
+    assert table["act_nucleoplasm"].iloc[0] > 0.5 > table["act_nucleoplasm"].iloc[1], table
 
 
 def test_output_stride_16_doubles_the_map_grid_with_the_same_weights():

@@ -9,12 +9,11 @@ import pytest
 from napari_cpgcn.classes import N_CLASSES, SHORT_NAMES
 from napari_cpgcn.evaluation.cell import (
     CellAPAccumulator,
-    average_precision,
     cell_map,
-    iou_matrix,
-    match_cells,
+    detection_ap,
     pseudo_label_scores,
 )
+from napari_cpgcn.evaluation.matching import iou_matrix, match_labels
 
 
 def _onehot(*ks):
@@ -41,16 +40,17 @@ def test_iou_matrix_and_matching():
     assert iou[0, 0] == pytest.approx(288 / 320)
     assert iou[1, 1] == pytest.approx(180 / 504)
     assert iou[0, 1] == 0
-    assert match_cells(pred, true) == [(7, 1, pytest.approx(0.9))]
+    pids, tids, ious = match_labels(pred, true)
+    assert list(pids) == [7] and list(tids) == [1] and ious[0] == pytest.approx(0.9)
 
 
 def test_average_precision_hand_computed():
     # TP, FP, TP with 2 true: precision 1, .5, .667 at recall .5, .5, 1 -> .5*1 + .5*2/3
-    assert average_precision(np.array([0.9, 0.8, 0.7]), np.array([1, 0, 1]), 2) == pytest.approx(0.5 + 1 / 3)
+    assert detection_ap(np.array([0.9, 0.8, 0.7]), np.array([1, 0, 1]), 2) == pytest.approx(0.5 + 1 / 3)
     # a missed true instance caps recall
-    assert average_precision(np.array([0.9]), np.array([1]), 2) == pytest.approx(0.5)
-    assert average_precision(np.zeros(0), np.zeros(0), 3) == 0.0
-    assert np.isnan(average_precision(np.array([0.5]), np.array([0]), 0))
+    assert detection_ap(np.array([0.9]), np.array([1]), 2) == pytest.approx(0.5)
+    assert detection_ap(np.zeros(0), np.zeros(0), 3) == 0.0
+    assert np.isnan(detection_ap(np.array([0.5]), np.array([0]), 0))
 
 
 def _table(image_id, ids, scores, prefix="fused_"):

@@ -16,8 +16,10 @@ import pytest
 import tifffile
 
 from napari_cpgcn import batch
+from napari_cpgcn.batch import local as batch_local
 from napari_cpgcn.classes import N_CLASSES, SHORT_NAMES
 from napari_cpgcn.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, build_parser, main
+from napari_cpgcn.io.masks import read_mask
 
 
 @pytest.fixture(autouse=True)
@@ -89,8 +91,9 @@ def synth_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained_run(synth_data, tmp_path_factory) -> Path:
-    pipeline = pytest.importorskip("napari_cpgcn.pipeline")
     import torch
+
+    from napari_cpgcn import pipeline
 
     run = tmp_path_factory.mktemp("run") / "run"
     n = torch.get_num_threads()
@@ -127,7 +130,7 @@ def test_predict_real_samples_one_row_per_cell(hpa_prediction, hpa_samples):
     assert list(cells.columns) == list(batch.CELL_COLUMNS)
     total = 0
     for iid in ids:
-        mask = tifffile.imread(out / "masks" / f"{iid}.tif")
+        mask = read_mask(out / "masks" / f"{iid}.tif")
         labels = np.unique(mask)
         labels = labels[labels != 0]
         rows = cells[cells.image_id == iid]
@@ -150,7 +153,7 @@ def test_submission_decodes_back_to_the_masks(hpa_prediction):
     out = hpa_prediction
     cells = pd.read_csv(out / "cells.csv")
     for row in read_submission(out / "submission.csv"):
-        mask = tifffile.imread(out / "masks" / f"{row.image_id}.tif")
+        mask = read_mask(out / "masks" / f"{row.image_id}.tif")
         assert (row.height, row.width) == mask.shape
         ids = [int(i) for i in np.unique(mask) if i]
         assert len(row.predictions) == N_CLASSES * len(ids)
@@ -183,7 +186,7 @@ def test_killed_run_then_rerun_equals_uninterrupted_run(synth_data, trained_run,
     assert _predict(images, trained_run, ref, "--submission") == EXIT_OK
 
     out = tmp_path / "out"
-    real = batch.write_image_outputs
+    real = batch_local.write_image_outputs
     n = {"written": 0}
 
     def dies_after_4(*a, **k):  # the process is killed while writing the 5th image
@@ -192,9 +195,9 @@ def test_killed_run_then_rerun_equals_uninterrupted_run(synth_data, trained_run,
         n["written"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(batch, "write_image_outputs", dies_after_4)
+    monkeypatch.setattr(batch_local, "write_image_outputs", dies_after_4)
     assert _predict(images, trained_run, out, "--submission", "--batch-size", "1") == 130
-    monkeypatch.setattr(batch, "write_image_outputs", real)
+    monkeypatch.setattr(batch_local, "write_image_outputs", real)
     assert len(list((out / "parts").glob("*.done.json"))) == 4
     assert not (out / "cells.csv").exists()
     assert not list(out.rglob("*.tmp"))
@@ -234,7 +237,6 @@ def test_every_image_failing_is_a_failure(trained_run, tmp_path):
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
-    pytest.importorskip("napari_cpgcn.pipeline")
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--n-train", "6", "--n-test", "2", "--size", "96", "--epochs", "1",
             "--threads", "1", "-q"]
@@ -282,7 +284,7 @@ def test_save_cams_writes_one_tiff_per_image(synth_data, trained_run, tmp_path):
         with tifffile.TiffFile(out / "cams" / f"{iid}.tif") as tf:
             cams = tf.asarray()
             meta = json.loads(tf.pages[0].description)
-        mask = tifffile.imread(out / "masks" / f"{iid}.tif")
+        mask = read_mask(out / "masks" / f"{iid}.tif")
         assert cams.shape == (N_CLASSES, *mask.shape) and cams.dtype == np.uint8
         assert meta["classes"][0] == "Nucleoplasm" and len(meta["classes"]) == N_CLASSES
         assert cams.max() > 0

@@ -19,16 +19,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import distributed  # noqa: E402,F401  (the distributed extra is part of the test install)
 import numpy as np
 import pandas as pd
 import pytest
 import tifffile
 
-pytest.importorskip("distributed")
-
 from napari_cpgcn.batch import BatchOptions, run_predict_folder  # noqa: E402
-from napari_cpgcn.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main  # noqa: E402
-from napari_cpgcn.distributed import (  # noqa: E402
+from napari_cpgcn.batch.dask import (  # noqa
     ClusterError,
     ClusterSpec,
     default_torch_threads,
@@ -36,7 +34,8 @@ from napari_cpgcn.distributed import (  # noqa: E402
     make_jobqueue_cluster,
     predict_folder_distributed,
 )
-from napari_cpgcn.training.events import EventKind  # noqa: E402
+from napari_cpgcn.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main  # noqa: E402
+from napari_cpgcn.events import EventKind  # noqa
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_FILES = ("cells.csv", "images.csv", "failures.csv")
@@ -83,7 +82,7 @@ def _kill_preload(tmp_path: Path, once: tuple[str, ...] = (), always: tuple[str,
         MARKERS = Path({str(markers)!r})
 
         def dask_setup(worker):
-            import napari_cpgcn.batch as batch
+            import napari_cpgcn.batch.local as batch
 
             original = batch.read_input
 
@@ -254,7 +253,6 @@ def _fake_slurm(tmp_path: Path) -> Path:
 
 def test_slurm_cluster_runs_jobs_through_sbatch(folder, tmp_path, monkeypatch):
     """The ``slurm`` spec end to end: job scripts submitted with sbatch (here: run locally), adaptive workers."""
-    pytest.importorskip("dask_jobqueue")
     import yaml
 
     bin_dir = _fake_slurm(tmp_path)
@@ -284,6 +282,7 @@ def test_cli_usage_errors(folder, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
+    (run / "stages.json").write_text("{}")  # a pipeline run folder
     base = ["predict", str(folder), "--model", str(run), "--out", str(tmp_path / "o"), "-q"]
     assert main([*base, "--cluster", "kubernetes"]) == EXIT_USAGE
     assert main([*base, "--cluster", "slurm"]) == EXIT_USAGE  # no --cluster-config
@@ -295,7 +294,7 @@ def test_cli_usage_errors(folder, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny trained pipeline and a folder of synthetic images to predict."""
-    pipeline = pytest.importorskip("napari_cpgcn.pipeline")
+    from napari_cpgcn import pipeline
     from napari_cpgcn.synth import generate_dataset
 
     data = generate_dataset(tmp_path_factory.mktemp("synth"), 8, size=96, seed=3)

@@ -27,7 +27,7 @@ def _dock(viewer, name: str):
 
 
 def test_browse_segment_train_predict_hover_export(make_napari_viewer, qtbot, tmp_path):
-    from napari_cpgcn.celltable import prediction_columns
+    from napari_cpgcn.io.celltable import prediction_columns
     from napari_cpgcn.synth import generate_dataset
 
     data = generate_dataset(tmp_path / "synth", 6, size=96, seed=1)
@@ -56,7 +56,10 @@ def test_browse_segment_train_predict_hover_export(make_napari_viewer, qtbot, tm
     train = _dock(viewer, "Train (CP-GCN pipeline)")
     train.preset.setCurrentText("tiny (a test)")
     train.device.setCurrentText("cpu")
-    assert train.epochs.value() == 1
+    assert (train.backbone.currentText(), train.image_size.value(), train.epochs.value()) == ("resnet18", 128, 2)
+    train.image_size.setValue(64)  # smaller than the preset: seconds per stage in a test
+    train.epochs.setValue(1)
+    train.k.setValue(2)
     train.data_edit.setText(str(data / "images"))
     train.csv_edit.setText(str(data / "train.csv"))
     train.out_edit.setText(str(tmp_path / "run"))

@@ -6,8 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_cpgcn.classes import CLASSES, N_CLASSES, NEGATIVE, SHORT_NAMES
-from napari_cpgcn.layers import (
+from napari_cpgcn._napari.layers import (
     cam_layers,
     cell_features,
     cells_layer,
@@ -15,6 +14,7 @@ from napari_cpgcn.layers import (
     table_from_features,
     top_class_color_dict,
 )
+from napari_cpgcn.classes import CLASSES, N_CLASSES, NEGATIVE, SHORT_NAMES
 
 
 def make_table(n_cells: int = 3, image_id: str = "img0", seed: int = 0) -> pd.DataFrame:

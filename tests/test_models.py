@@ -6,8 +6,7 @@ import time
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 
 from napari_cpgcn.classes import N_CLASSES  # noqa: E402
 from napari_cpgcn.models import (  # noqa: E402

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
+import torch  # noqa: E402
 
-torch = pytest.importorskip("torch")
-
-from napari_cpgcn.celltable import PREDICTION_COLUMNS  # noqa: E402
 from napari_cpgcn.classes import N_CLASSES  # noqa: E402
-from napari_cpgcn.training.events import EventKind, StopFlag  # noqa: E402
+from napari_cpgcn.events import EventKind  # noqa
+from napari_cpgcn.io.celltable import PREDICTION_COLUMNS  # noqa
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,14 @@ def test_changed_stage_settings_redo_that_stage_and_later(trained_run, synth_dat
     shutil.copytree(run0, run)
     cfg = _tiny()
     cfg.pseudo.threshold = 0.7
-    events = _drain(train_pipeline(synth_data / "images", synth_data / "train.csv", run, cfg))
+    # without overwrite the run is refused before anything is touched, naming what differs
+    from napari_cpgcn.pipeline import RunSettingsChanged
+
+    before = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(RunSettingsChanged, match=r"pseudolabels: pseudo.threshold: 0.5 -> 0.7.*--overwrite"):
+        _drain(train_pipeline(synth_data / "images", synth_data / "train.csv", run, cfg))
+    assert {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+    events = _drain(train_pipeline(synth_data / "images", synth_data / "train.csv", run, cfg, overwrite=True))
     skipped = [e.stage for e in events if e.kind == EventKind.STAGE_END and "skipped" in e.message]
     redone = [e.stage for e in events if e.kind == EventKind.STAGE_END and "skipped" not in e.message]
     assert skipped == ["image_model", "refine", "segmentation"]
@@ -98,17 +105,17 @@ def test_stop_then_resume(synth_data, tmp_path):
     """A stop during the image model ends the run with STOPPED; the rerun finishes it and no stage runs twice."""
     from napari_cpgcn.pipeline import finished_stages, train_pipeline
 
-    flag = StopFlag()
+    flag = threading.Event()
     run = tmp_path / "run"
     events = []
-    for ev in train_pipeline(synth_data / "images", synth_data / "train.csv", run, _tiny(), flag):
+    for ev in train_pipeline(synth_data / "images", synth_data / "train.csv", run, _tiny(), flag.is_set):
         events.append(ev)
         if ev.kind == EventKind.STAGE_END and ev.stage == "refine":
             flag.set()
     assert events[-1].kind == EventKind.STOPPED
     assert finished_stages(run) == ["image_model", "refine"]
     flag.clear()
-    events = _drain(train_pipeline(synth_data / "images", synth_data / "train.csv", run, None, flag))
+    events = _drain(train_pipeline(synth_data / "images", synth_data / "train.csv", run, None, flag.is_set))
     ran = [e.stage for e in events if e.kind == EventKind.STAGE_END and "skipped" not in e.message]
     assert ran == ["segmentation", "pseudolabels", "cell_model"]
     assert events[-1].kind == EventKind.DONE
@@ -117,9 +124,11 @@ def test_stop_then_resume(synth_data, tmp_path):
 def test_predictor_returns_a_row_per_cell(trained_run, synth_data):
     from napari_cpgcn.io.hpa import list_image_ids, read_image
     from napari_cpgcn.pipeline import CellPrediction, Predictor, predict
+    from napari_cpgcn.pipeline.predictor import CPGCNPredictor
 
     run, _ = trained_run
-    pred = Predictor.from_run(run, device="cpu")
+    pred = CPGCNPredictor.from_run(run, device="cpu")
+    assert isinstance(pred, Predictor)
     iid = list_image_ids(synth_data / "images")[0]
     img = read_image(synth_data / "images", image_id=iid)
     out = pred.predict(img)
@@ -195,7 +204,7 @@ def test_train_cli_then_rerun_skips(synth_data, tmp_path):
 def test_refinement_interrupt_and_resume_is_identical(trained_run, synth_data, tmp_path):
     """Stop inside round 2, rerun: round 1 is skipped, round 2 resumes; the refined model equals an
     uninterrupted run's."""
-    from napari_cpgcn.training.engine import load_checkpoint
+    from napari_cpgcn.training.checkpoint import load_checkpoint
     from napari_cpgcn.training.subcategory import RefineConfig, train_subcategory
 
     run, _ = trained_run
@@ -206,16 +215,16 @@ def test_refinement_interrupt_and_resume_is_identical(trained_run, synth_data, t
     full = list(train_subcategory(*args, tmp_path / "a", ckpt, cfg))
     assert full[-1].kind == EventKind.DONE
 
-    flag = StopFlag()
+    flag = threading.Event()
     events = []
-    for ev in train_subcategory(*args, tmp_path / "b", ckpt, cfg, flag):
+    for ev in train_subcategory(*args, tmp_path / "b", ckpt, cfg, flag.is_set):
         events.append(ev)
         if ev.kind == EventKind.CHECKPOINT and "round 2" in ev.message:
             flag.set()
     assert events[-1].kind == EventKind.STOPPED
     assert (tmp_path / "b" / "round1" / "done.json").is_file()
     flag.clear()
-    events = list(train_subcategory(*args, tmp_path / "b", ckpt, cfg, flag))
+    events = list(train_subcategory(*args, tmp_path / "b", ckpt, cfg, flag.is_set))
     assert any("round 1/2 finished earlier" in e.message for e in events)
     assert events[-1].kind == EventKind.DONE
     a = load_checkpoint(tmp_path / "a" / "best.pt")["model"]
@@ -264,7 +273,8 @@ def test_fine_tune_a_pipeline_from_an_earlier_run(trained_run, synth_data, tmp_p
 
 def test_stage_keys_of_older_runs_are_stable():
     """Adding a config field must not make finished stages of existing runs look unfinished."""
-    from napari_cpgcn.pipeline import PipelineConfig, _stage_keys
+    from napari_cpgcn.pipeline import PipelineConfig
+    from napari_cpgcn.pipeline.train import _stage_keys
 
     assert _stage_keys(PipelineConfig())["image_model"] == "da9d751c9ca7c96c"
 
@@ -283,8 +293,7 @@ def test_starting_from_is_checked_before_training(trained_run, tmp_path):
     shutil.copy(run / "image_model" / "best.pt", img_only / "image_model" / "best.pt")
     with pytest.raises(FileNotFoundError, match="holds no cell model to start from"):
         _tiny().starting_from(img_only)
-    pytest.importorskip("qtpy")
-    from napari_cpgcn._widgets._train import build_config
+    from napari_cpgcn._napari.widgets.train import build_config
 
     cfg = build_config("resnet18", 64, 1, 4, 2, 1, "cpu", preset="tiny (a test)", start_from=str(run))
     assert cfg.image.init_from == cfg.cell.init_from == str(run.resolve())

@@ -1,7 +1,7 @@
 """Cancel in the Predict widget, and the stage-by-stage prediction it stops
 (``Predictor.iter_predict``).
 
-The predictor here is the real :class:`napari_cpgcn.pipeline.Predictor` (its ``iter_predict``,
+The predictor here is the real :class:`napari_cpgcn.pipeline.predictor.CPGCNPredictor` (its ``iter_predict``,
 table and fusion code) with fake, instant stages (segmentation, image model, cell model); a stage
 can be held until the test releases it, so a Cancel lands while that stage runs.
 """
@@ -13,8 +13,8 @@ import threading
 import numpy as np
 import pytest
 
-from napari_cpgcn import pipeline
 from napari_cpgcn.classes import CHANNELS, CLASSES, N_CLASSES
+from napari_cpgcn.pipeline.predictor import CPGCNPredictor
 
 SIZE = 64
 STAGES = ("segment", "image_model", "cell_model")
@@ -30,7 +30,7 @@ def grid_cells(size: int = SIZE) -> np.ndarray:
     return cells
 
 
-class StagedPredictor(pipeline.Predictor):
+class StagedPredictor(CPGCNPredictor):
     """The real Predictor with fake stages that record themselves; the stage named ``hold``
     blocks until ``release`` is set (``entered`` tells the test it is running), and the stage
     named ``fail`` raises a RuntimeError (like torch does)."""
@@ -83,11 +83,9 @@ class PlainPredictor:
 
 
 @pytest.fixture
-def staged(monkeypatch) -> StagedPredictor:
-    """A StagedPredictor whose segmentation is the one ``Predictor.iter_predict`` calls."""
-    predictor = StagedPredictor()
-    monkeypatch.setattr(pipeline, "segment", predictor.segment)
-    return predictor
+def staged() -> StagedPredictor:
+    """A StagedPredictor (its ``segment`` is the one ``iter_predict`` calls)."""
+    return StagedPredictor()
 
 
 def _image() -> np.ndarray:
@@ -144,15 +142,16 @@ def test_iter_predict_checks_the_image_before_the_first_stage(staged):
 def viewer_run(make_napari_viewer, tmp_path, monkeypatch, staged):
     """A viewer showing one 64² HPA image, a run folder whose predictor is ``staged``, and a
     record of the worker's last step (building the layer tuples)."""
-    from napari_cpgcn import batch
-    from napari_cpgcn._widgets import _predict
+    from napari_cpgcn._napari.widgets import predict as _predict
+    from napari_cpgcn.pipeline import predictor as prediction
 
     monkeypatch.setenv("NAPARI_CPGCN_CONFIG_DIR", str(tmp_path / "config"))
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
+    (run / "stages.json").write_text("{}")  # a pipeline run folder
     holder = {"predictor": staged, "layers_built": 0}
-    monkeypatch.setattr(batch, "load_predictor", lambda model, device="auto": holder["predictor"])
+    monkeypatch.setattr(prediction, "load_predictor", lambda model, device="auto": holder["predictor"])
     cam_layers = _predict.cam_layers
 
     def counted_cam_layers(*args, **kwargs):
@@ -168,7 +167,7 @@ def viewer_run(make_napari_viewer, tmp_path, monkeypatch, staged):
 
 
 def _predict_widget(viewer, qtbot, run):
-    from napari_cpgcn._widgets._predict import PredictWidget
+    from napari_cpgcn._napari.widgets.predict import PredictWidget
 
     w = PredictWidget(viewer)
     qtbot.addWidget(w)
@@ -259,7 +258,7 @@ def test_a_normal_run_reports_each_stage_and_fills_the_viewer(viewer_run, qtbot,
 def test_a_runtime_error_in_a_stage_is_reported_and_predict_comes_back(viewer_run, qtbot, staged, monkeypatch):
     """superqt's GeneratorWorker drops a RuntimeError from a generator silently (no errored, no
     finished); torch raises RuntimeErrors, so the widget must still report them."""
-    from napari_cpgcn._widgets import _predict
+    from napari_cpgcn._napari.widgets import predict as _predict
 
     viewer, run, _ = viewer_run
     shown = []
@@ -278,7 +277,7 @@ def test_a_runtime_error_in_a_stage_is_reported_and_predict_comes_back(viewer_ru
 
 def test_start_worker_reports_runtime_errors_of_any_generator_worker(qtbot):
     """The train/export/segment workers are generators too: their RuntimeErrors must surface."""
-    from napari_cpgcn._widgets._common import start_worker
+    from napari_cpgcn._napari.widgets.common import start_worker
 
     errors, finished, seen = [], [], []
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from napari_cpgcn.classes import N_CLASSES, NEGATIVE
-from napari_cpgcn.pseudolabels import (
+from napari_cpgcn.training.pseudolabels import (
     PseudoLabelConfig,
     combine_scores,
     image_pseudo_labels,

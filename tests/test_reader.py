@@ -10,9 +10,9 @@ import pytest
 import tifffile
 from conftest import ARCHIVE_JPEG_IDS, KAGGLE2018_ID, KAGGLE2021_IDS
 
-from napari_cpgcn._reader import napari_get_reader
+from napari_cpgcn._napari.layers import auto_contrast_limits
+from napari_cpgcn._napari.reader import napari_get_reader
 from napari_cpgcn.classes import CHANNELS
-from napari_cpgcn.layers import auto_contrast_limits
 
 # (image id, expected shape, expected labels from ../shared/data/kaggle2021-train-labels.csv)
 REAL_FORMATS = {

@@ -18,7 +18,7 @@ def add_channels(viewer, data, image_id="img", tag=True):
 
 
 def test_widget_adds_then_replaces_cells_layer(make_napari_viewer, qtbot):
-    from napari_cpgcn._widgets._segment import SegmentWidget
+    from napari_cpgcn._napari.widgets.segment import SegmentWidget
 
     viewer = make_napari_viewer()
     data, truth = cells_image()
@@ -49,8 +49,8 @@ def test_widget_adds_then_replaces_cells_layer(make_napari_viewer, qtbot):
 
 
 def test_widget_defaults_by_layer_name_and_reports_errors(make_napari_viewer, qtbot, monkeypatch, tmp_path):
-    from napari_cpgcn._widgets import _segment
-    from napari_cpgcn._widgets._segment import SegmentWidget
+    from napari_cpgcn._napari.widgets import segment as _segment
+    from napari_cpgcn._napari.widgets.segment import SegmentWidget
 
     viewer = make_napari_viewer()
     data, _ = cells_image(shape=(64, 64), centres=[(32, 32)], nucleus_r=6, cell_r=15)

@@ -14,6 +14,7 @@ from napari_cpgcn.classes import CHANNELS
 from napari_cpgcn.cli import main
 from napari_cpgcn.evaluation.matching import iou_table, match_labels, match_summary
 from napari_cpgcn.io.hpa import HPAImage, read_image
+from napari_cpgcn.io.masks import read_mask, write_mask
 from napari_cpgcn.segmentation import (
     ClassicalParams,
     default_nucleus_diameter,
@@ -21,7 +22,6 @@ from napari_cpgcn.segmentation import (
     resolve_cellpose_weights,
     segment_cells,
 )
-from napari_cpgcn.segmentation.folder import read_mask, write_mask
 
 # --------------------------------------------------------------------------- helpers
 
@@ -117,7 +117,7 @@ def test_bad_input_and_parameters_are_explained():
 
 
 def test_synthetic_generator_images():
-    synth = pytest.importorskip("napari_cpgcn.synth")
+    from napari_cpgcn import synth
     f1 = []
     for seed in range(2):
         s = synth.generate_image(seed, size=256)
@@ -180,7 +180,6 @@ def test_cellpose_cli_missing_weights_exit_1(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_cellpose_runs_with_a_local_random_weight_model(tmp_path):
     """The whole cellpose path on a model file (random weights: only shape/dtype are checked)."""
-    pytest.importorskip("cellpose")
     from cellpose import models
 
     from napari_cpgcn.segmentation import cellpose_backend

@@ -200,7 +200,7 @@ def test_cli_synth(tmp_path):
 
 
 def test_sample_data_layers():
-    from napari_cpgcn._sample_data import synth_layer_data
+    from napari_cpgcn._napari.sample_data import synth_layer_data
 
     layers = synth_layer_data(seed=1, size=128)
     kinds = [k for _, _, k in layers]

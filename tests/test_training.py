@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-
+import torch  # noqa: E402
 from _tiny_hpa import make_tiny_dataset  # noqa: E402
 
 from napari_cpgcn.classes import N_CLASSES  # noqa: E402
+from napari_cpgcn.events import EventKind  # noqa
 from napari_cpgcn.io.tables import read_labels_csv  # noqa: E402
-from napari_cpgcn.training.config import ConfigError, ImageModelConfig, TrainConfig  # noqa: E402
-from napari_cpgcn.training.datasets import HPAImageDataset, invert_augmentation, split_ids  # noqa: E402
-from napari_cpgcn.training.engine import (  # noqa: E402
+from napari_cpgcn.pipeline.inference import predict_images  # noqa
+from napari_cpgcn.training.checkpoint import (  # noqa
     CheckpointError,
     load_checkpoint,
-    resolve_device,
+    load_image_model,  # noqa
 )
-from napari_cpgcn.training.events import EventKind, StopFlag  # noqa: E402
+from napari_cpgcn.training.config import ConfigError, ImageModelConfig, TrainConfig  # noqa: E402
+from napari_cpgcn.training.datasets import HPAImageDataset, invert_augmentation, split_ids  # noqa: E402
+from napari_cpgcn.training.engine import resolve_device  # noqa
 from napari_cpgcn.training.image_trainer import train_image_model  # noqa: E402
-from napari_cpgcn.training.inference import load_image_model, predict_images  # noqa: E402
 from napari_cpgcn.training.losses import focal_loss  # noqa: E402
 from napari_cpgcn.training.oaa import OAAStore, load_oaa  # noqa: E402
 
@@ -209,9 +210,9 @@ def test_oaa_written_and_readable(trained):
 
 def test_stop_is_honoured_within_one_batch(tiny, tmp_path):
     img_dir, csv = tiny
-    flag = StopFlag()
+    flag = threading.Event()
     seen = []
-    for ev in train_image_model(img_dir, csv, tmp_path / "run", tiny_config(epochs=3), flag):
+    for ev in train_image_model(img_dir, csv, tmp_path / "run", tiny_config(epochs=3), flag.is_set):
         seen.append(ev.kind)
         if ev.kind == EventKind.BATCH:
             flag.set()
@@ -224,8 +225,8 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny, tmp_path):
     cfg = tiny_config(epochs=3, augment=True, oaa_threshold=0.0)
     full = list(train_image_model(img_dir, csv, tmp_path / "a", cfg))
     assert full[-1].kind == EventKind.DONE
-    flag = StopFlag()
-    for ev in train_image_model(img_dir, csv, tmp_path / "b", cfg, flag):
+    flag = threading.Event()
+    for ev in train_image_model(img_dir, csv, tmp_path / "b", cfg, flag.is_set):
         if ev.kind == EventKind.BATCH and ev.epoch == 2 and ev.batch == 2:
             flag.set()
         last = ev
@@ -326,9 +327,17 @@ def test_tampered_and_foreign_checkpoints_are_refused(trained, tmp_path):
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "tv.pt")
     with pytest.raises(CheckpointError, match="not a napari-cpgcn checkpoint"):
         load_image_model(tmp_path / "tv.pt", "cpu")
-    torch.save({"format": "napari-cpgcn-checkpoint", "evil": StopFlag()}, tmp_path / "code.pt")
-    with pytest.raises(CheckpointError, match="refused"):
+    torch.save({"format": "napari-cpgcn-checkpoint", "evil": argparse.Namespace(x=1)}, tmp_path / "code.pt")
+    with pytest.raises(CheckpointError, match="refused for safety"):
         load_image_model(tmp_path / "code.pt", "cpu")
+
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"format": "napari-cpgcn-checkpoint", "model": RunsCode()}, tmp_path / "reduce.pt")
+    with pytest.raises(CheckpointError, match="refused for safety"):
+        load_image_model(tmp_path / "reduce.pt", "cpu")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_image_model(tmp_path / "junk.pt", "cpu")
@@ -360,7 +369,7 @@ def test_cli_train_image(tiny, tmp_path):
 
 def test_init_from_an_earlier_run_starts_with_its_backbone(trained, tiny, tmp_path):
     from napari_cpgcn.models.backbone import Backbone
-    from napari_cpgcn.training.engine import load_backbone_weights
+    from napari_cpgcn.training.checkpoint import load_backbone_weights
 
     run, _ = trained
     fresh = Backbone("resnet18", weights=None)

@@ -38,7 +38,7 @@ def _channel_names(viewer):
 
 
 def test_browser_steps_through_a_folder_keeping_layers(make_napari_viewer, qtbot, tmp_path):
-    from napari_cpgcn._widgets._browser import BrowserWidget
+    from napari_cpgcn._napari.widgets.browser import BrowserWidget
 
     viewer = make_napari_viewer()
     ids = write_tiny_folder(tmp_path / "data")
@@ -81,7 +81,7 @@ def test_browser_steps_through_a_folder_keeping_layers(make_napari_viewer, qtbot
 
 
 def test_browser_on_real_formats(make_napari_viewer, qtbot, hpa_samples):
-    from napari_cpgcn._widgets._browser import BrowserWidget
+    from napari_cpgcn._napari.widgets.browser import BrowserWidget
 
     viewer = make_napari_viewer()
     w = BrowserWidget(viewer)
@@ -104,7 +104,8 @@ def test_browser_on_real_formats(make_napari_viewer, qtbot, hpa_samples):
 
 
 def test_browser_errors_are_notifications(make_napari_viewer, qtbot, tmp_path, monkeypatch):
-    from napari_cpgcn._widgets import _browser, _common
+    from napari_cpgcn._napari.widgets import browser as _browser
+    from napari_cpgcn._napari.widgets import common as _common
 
     shown = []
     monkeypatch.setattr(_common, "notify_error", lambda msg, exc=None: shown.append(msg))
@@ -132,63 +133,25 @@ def test_browser_errors_are_notifications(make_napari_viewer, qtbot, tmp_path, m
 
 
 # --------------------------------------------------------------------------- predict / table / export
-# A stand-in for napari_cpgcn.pipeline.Predictor with the same call and result shape, so the
-# widgets are tested on their own (the full flow with the real pipeline is in test_gui_flow.py).
-
-class FakePrediction:
-    def __init__(self, image_id, image_probs, cams, cells, table):
-        self.image_id, self.image_probs, self.cams, self.cells, self.table = image_id, image_probs, cams, cells, table
-
-
-class FakePredictor:
-    """Cells = a 2x2 grid of squares; nucleoli (2) everywhere, golgi (7) in the left cells."""
-
-    def __init__(self, fail: bool = False):
-        self.fail = fail
-        self.calls = []
-
-    def predict(self, image, cells=None, segmentation="classical", with_cams=True):
-        from napari_cpgcn.celltable import cell_geometry
-        from napari_cpgcn.classes import N_CLASSES, SHORT_NAMES
-
-        self.calls.append((image.image_id, cells is not None, segmentation))
-        if self.fail:
-            raise RuntimeError("model exploded")
-        y, x = image.shape
-        if cells is None:
-            cells = np.zeros((y, x), np.uint32)
-            for k, (sy, sx) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
-                cells[sy * y // 2 + 2: (sy + 1) * y // 2 - 2, sx * x // 2 + 2: (sx + 1) * x // 2 - 2] = k + 1
-        table = cell_geometry(cells, image.image_id)
-        probs = np.full(N_CLASSES, 0.02)
-        probs[[2, 7]] = [0.9, 0.85]
-        cams = np.zeros((N_CLASSES, y, x), np.float32)
-        cams[2] = 1.0
-        cams[7, :, : x // 2] = 1.0
-        cell = np.full((len(table), N_CLASSES), 0.1)
-        cell[:, 2] = 0.8
-        cell[table["centroid_x"].to_numpy() < x / 2, 7] = 0.95
-        fused = probs[None] * cell
-        for k, s in enumerate(SHORT_NAMES):
-            table[f"image_{s}"] = probs[k]
-        for k, s in enumerate(SHORT_NAMES):
-            table[f"cell_{s}"] = cell[:, k]
-        for k, s in enumerate(SHORT_NAMES):
-            table[f"fused_{s}"] = fused[:, k]
-        table.insert(9, "top_class", [SHORT_NAMES[k] for k in fused.argmax(1)])
-        return FakePrediction(image.image_id, probs, cams, cells, table)
+# The widgets are tested with a stand-in predictor (tests/_fake_predictor.py: the real
+# CellPrediction, fake models); the full flow with the real pipeline is in test_gui_flow.py.
+from _fake_predictor import GridPredictor as FakePredictor  # noqa: E402
 
 
 @pytest.fixture
 def fake_run(tmp_path, monkeypatch):
-    """A run folder whose predictor is the fake (the widgets load it through batch.load_predictor)."""
-    from napari_cpgcn import batch
+    """A run folder whose predictor is the fake (the widgets load it through pipeline.predictor.load_predictor)."""
+    from napari_cpgcn.pipeline import predictor as prediction
 
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
+    (run / "stages.json").write_text("{}")  # a pipeline run folder
     predictor = FakePredictor()
-    monkeypatch.setattr(batch, "load_predictor", lambda model, device="auto": predictor)
+    from napari_cpgcn.batch import local as batch_local
+
+    monkeypatch.setattr(prediction, "load_predictor", lambda model, device="auto": predictor)
+    monkeypatch.setattr(batch_local, "load_predictor", lambda model, device="auto": predictor)
     return run, predictor
 
 
@@ -198,7 +161,7 @@ def _camera(viewer):
 
 
 def _open_tiny(viewer, qtbot, folder):
-    from napari_cpgcn._widgets._browser import BrowserWidget
+    from napari_cpgcn._napari.widgets.browser import BrowserWidget
 
     browser = BrowserWidget(viewer)
     qtbot.addWidget(browser)
@@ -208,7 +171,7 @@ def _open_tiny(viewer, qtbot, folder):
 
 
 def test_predict_adds_cams_cells_features_and_table(make_napari_viewer, qtbot, tmp_path, fake_run):
-    from napari_cpgcn._widgets._predict import PredictWidget
+    from napari_cpgcn._napari.widgets.predict import PredictWidget
     from napari_cpgcn.classes import CLASSES
 
     run, predictor = fake_run
@@ -249,7 +212,7 @@ def test_predict_adds_cams_cells_features_and_table(make_napari_viewer, qtbot, t
     qtbot.waitUntil(lambda: w._worker is None, timeout=10000)
     with qtbot.waitSignal(w.predicted, timeout=10000):
         w.predict()
-    assert predictor.calls[-1] == ("img0", True, "classical")
+    assert predictor.calls[-1] == ("img0", True, None)  # given cells; None: as the run was trained
     assert [ly.name for ly in viewer.layers] == names
     # the next image drops this image's cells and CAMs
     with qtbot.waitSignal(browser.image_loaded, timeout=10000):
@@ -258,7 +221,7 @@ def test_predict_adds_cams_cells_features_and_table(make_napari_viewer, qtbot, t
 
 
 def test_predict_failure_leaves_viewer_unchanged(make_napari_viewer, qtbot, tmp_path, fake_run, monkeypatch):
-    from napari_cpgcn._widgets import _predict
+    from napari_cpgcn._napari.widgets import predict as _predict
 
     run, predictor = fake_run
     shown = []
@@ -287,9 +250,9 @@ def test_predict_failure_leaves_viewer_unchanged(make_napari_viewer, qtbot, tmp_
 def test_export_current_image_and_folder(make_napari_viewer, qtbot, tmp_path, fake_run):
     import pandas as pd
 
-    from napari_cpgcn._widgets._export import ExportWidget
-    from napari_cpgcn._widgets._predict import PredictWidget
-    from napari_cpgcn.layers import table_columns
+    from napari_cpgcn._napari.layers import table_columns
+    from napari_cpgcn._napari.widgets.export import ExportWidget
+    from napari_cpgcn._napari.widgets.predict import PredictWidget
 
     run, _ = fake_run
     viewer = make_napari_viewer()
@@ -332,7 +295,7 @@ def synth_set(tmp_path_factory) -> Path:
 
 
 def _train_widget(viewer, qtbot, data: Path, out: Path):
-    from napari_cpgcn._widgets._train import TrainWidget
+    from napari_cpgcn._napari.widgets.train import TrainWidget
 
     w = TrainWidget(viewer)
     qtbot.addWidget(w)
@@ -347,8 +310,8 @@ def _train_widget(viewer, qtbot, data: Path, out: Path):
 def test_train_cancel_then_resume(make_napari_viewer, qtbot, tmp_path, synth_set):
     import json
 
-    from napari_cpgcn._widgets._predict import PredictWidget
-    from napari_cpgcn.training.events import EventKind
+    from napari_cpgcn._napari.widgets.predict import PredictWidget
+    from napari_cpgcn.events import EventKind
 
     viewer = make_napari_viewer()
     predict = PredictWidget(viewer)
@@ -358,7 +321,7 @@ def test_train_cancel_then_resume(make_napari_viewer, qtbot, tmp_path, synth_set
 
     def cancel_on_first_batch(ev):
         seen.append(ev.kind)
-        if ev.kind == EventKind.BATCH and not w._stop():
+        if ev.kind == EventKind.BATCH and not w._stop.is_set():
             w.cancel()
 
     with qtbot.waitSignal(w.worker_finished, timeout=120000):
@@ -367,8 +330,9 @@ def test_train_cancel_then_resume(make_napari_viewer, qtbot, tmp_path, synth_set
     assert EventKind.STOPPED in seen and EventKind.DONE not in seen
     assert seen.index(EventKind.STOPPED) - seen.index(EventKind.BATCH) <= 3  # stopped within one batch
     assert "Resume" in w.status.text()
-    assert not (tmp_path / "run" / "stages.json").exists() or "image_model" not in json.loads(
-        (tmp_path / "run" / "stages.json").read_text())
+    stages = tmp_path / "run" / "stages.json"  # {"finished": {stage: ...}, "started": {...}}
+    assert stages.is_file() and "image_model" in json.loads(stages.read_text())["started"]
+    assert "image_model" not in json.loads(stages.read_text())["finished"]
     assert w.train_btn.isEnabled() and w.resume_btn.isEnabled()
 
     trained = []
@@ -385,7 +349,7 @@ def test_train_cancel_then_resume(make_napari_viewer, qtbot, tmp_path, synth_set
 
 
 def test_train_refuses_bad_inputs_before_starting(make_napari_viewer, qtbot, tmp_path, synth_set, monkeypatch):
-    from napari_cpgcn._widgets import _train
+    from napari_cpgcn._napari.widgets import train as _train
 
     shown = []
     monkeypatch.setattr(_train, "notify_error", lambda msg, exc=None: shown.append(msg))

@@ -41,7 +41,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_cpgcn.classes import CHANNELS, N_CLASSES, NEGATIVE
-from napari_cpgcn.training.events import Event, EventKind, ShouldStop
+from napari_cpgcn.events import Event, EventKind, ShouldStop
+from napari_cpgcn.io.atomic import check_writable
 
 __all__ = [
     "SynthImage",
@@ -1065,12 +1066,13 @@ def iter_generate_dataset(
     Yields one ``ITEM`` event per image and a final ``DONE`` (``result`` = the folder), or
     ``STOPPED`` when ``should_stop()`` turns true (the CSVs then list the images written).
     """
-    from napari_cpgcn.io.tables import atomic_write_text, format_label_string
+    from napari_cpgcn.io.atomic import atomic_write_text
+    from napari_cpgcn.io.tables import format_label_string
 
     if n_images < 0:
         raise ValueError(f"n_images must be >= 0, got {n_images}")
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    check_writable(out / "images")
     (out / "truth").mkdir(parents=True, exist_ok=True)
     children = np.random.SeedSequence(seed).spawn(n_images)
     train_rows = ["ID,Label"]

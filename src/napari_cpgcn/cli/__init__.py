@@ -6,8 +6,9 @@ Each subcommand lives in its own module ``napari_cpgcn.cli._<name>`` exposing
 ``napari-cpgcn --help`` is fast.
 
 Exit codes that scripts can trust:
-0 success, 1 failure, 2 bad usage, 3 partial (some images failed, the rest done),
-130 interrupted (rerun to resume).
+0 success, 1 failure (a bad input or an output that cannot be written: the message names the
+file and the fix), 2 bad usage, 3 partial (some images failed, the rest done), 130 interrupted
+(rerun to resume).
 """
 
 from __future__ import annotations
@@ -78,20 +79,51 @@ def setup_logging(args: argparse.Namespace, logfile: str | None = None) -> None:
     console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     root.addHandler(console)
     if logfile:
-        fh = logging.FileHandler(logfile)
+        try:
+            fh = _LogFile(logfile)
+        except OSError as e:  # a read-only or missing output folder: the command itself says so
+            log.debug("no log file: %s", e)
+            return
         fh.setLevel(logging.DEBUG)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(fh)
 
 
+class _LogFile(logging.FileHandler):
+    """A log file that goes quiet after its first failed write (a full disk) instead of printing
+    logging's "--- Logging error ---" traceback for every record; the console keeps logging."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        exc = sys.exc_info()[1]
+        logging.getLogger("napari_cpgcn").removeHandler(self)
+        sys.stderr.write(f"WARNING: log file {self.baseFilename} is no longer written: {exc}\n")
+
+
 def progress_bar(**kwargs):
     """A tqdm bar; where stderr is not a terminal (a SLURM job log, CI, a pipe) it redraws at
-    most every 30 s instead of filling the log with one line per update."""
+    most every 30 s instead of filling the log with one line per update.
+
+    Its ``set_postfix*`` / ``set_description*`` do not redraw by themselves (tqdm's default
+    redraws on every call, whatever ``mininterval`` says): the next paced redraw shows them.
+    """
     from tqdm import tqdm
+
+    class Bar(tqdm):
+        def set_postfix(self, ordered_dict=None, refresh=False, **kwargs):
+            super().set_postfix(ordered_dict, refresh, **kwargs)
+
+        def set_postfix_str(self, s="", refresh=False):
+            super().set_postfix_str(s, refresh)
+
+        def set_description(self, desc=None, refresh=False):
+            super().set_description(desc, refresh)
+
+        def set_description_str(self, desc=None, refresh=False):
+            super().set_description_str(desc, refresh)
 
     if not sys.stderr.isatty():
         kwargs.setdefault("mininterval", 30.0)
-    return tqdm(**kwargs)
+    return Bar(**kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,9 +142,23 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         log.error("%s", e)
         return EXIT_USAGE
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         # Input problems found by the core: the message names the file and the fix.
         log.error("%s", e)
+        return EXIT_FAILURE
+    except OSError as e:  # a read-only output folder, an --out that is a file, a full disk, ...
+        from napari_cpgcn.io.atomic import describe_os_error
+
+        log.debug("", exc_info=True)
+        log.error("%s", describe_os_error(e, e.filename or getattr(args, "out", None) or "the output"))
+        return EXIT_FAILURE
+    except MemoryError:
+        log.error("out of memory; use smaller batches (--batch-size) or images, or a machine with more memory")
+        return EXIT_FAILURE
+    except RuntimeError as e:  # torch's errors (CUDA out of memory, a device that went away, ...)
+        log.debug("", exc_info=True)
+        hint = " (--batch-size smaller, or --device cpu)" if "out of memory" in str(e).lower() else ""
+        log.error("%s%s; rerun with --verbose for the traceback", str(e).strip().splitlines()[0], hint)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         log.error("interrupted; finished outputs are kept, rerun to resume")

@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """``--truth``, ``--segmentation``, ``--true-cells`` (used by the ``cell`` level)."""
     p.add_argument("--truth", default=None, metavar="DIR",
                    help="cell truth folder (cells.csv + {ID}_cells.png); enables the cell level (Kaggle mAP)")
-    p.add_argument("--segmentation", default=None, help="segmentation method for the cell level (default: the run's)")
+    p.add_argument("--segmentation", default=None, choices=("classical", "cellpose"),
+                   help="segmentation method for the cell level (default: the run's)")
     p.add_argument("--true-cells", action="store_true",
                    help="cell level on the true cell masks instead of a segmentation (classification only)")
 
@@ -32,18 +33,15 @@ def evaluate_cell(args: argparse.Namespace, out: Path) -> dict:
 
     from napari_cpgcn.classes import SHORT_NAMES
     from napari_cpgcn.evaluation.cell import CellTruth, evaluate_predictor
+    from napari_cpgcn.io.atomic import atomic_write_text
     from napari_cpgcn.io.hpa import list_image_ids
-    from napari_cpgcn.io.tables import atomic_write_text, read_labels_csv
-    from napari_cpgcn.pipeline import Predictor
+    from napari_cpgcn.io.tables import read_labels_csv
+    from napari_cpgcn.pipeline import load_predictor, resolve_model_path
 
     if not getattr(args, "truth", None):
         log.info("cell level skipped: give --truth DIR (cells.csv + masks) for the Kaggle cell-level mAP")
         return {}
-    run_dir = Path(args.run)
-    if run_dir.is_file():
-        run_dir = run_dir.parent
-    if not (run_dir / "cell_model").is_dir() and (run_dir.parent / "cell_model").is_dir():
-        run_dir = run_dir.parent
+    run_dir = resolve_model_path(args.run)
     truth = CellTruth.load(args.truth)
     table = read_labels_csv(args.labels)
     present = set(list_image_ids(args.data))
@@ -59,7 +57,7 @@ def evaluate_cell(args: argparse.Namespace, out: Path) -> dict:
         from napari_cpgcn.cli import UsageError
 
         raise UsageError(f"no image of {args.labels} has cell truth in {args.truth} and images in {args.data}")
-    predictor = Predictor.from_run(run_dir, device=args.device)
+    predictor = load_predictor(args.run, device=args.device)
     bar = None
     if not args.quiet:
         from napari_cpgcn.cli import progress_bar

@@ -120,8 +120,8 @@ def split(data: Path, n_test: int) -> tuple[Path, list[str], list[str]]:
 def train(data: Path, train_csv: Path, run_dir: Path, args: argparse.Namespace) -> Path:
     """Train the whole pipeline with the tiny preset (finished stages are skipped on rerun)."""
     from napari_cpgcn.cli import progress_bar
+    from napari_cpgcn.events import EventKind
     from napari_cpgcn.pipeline import PipelineConfig, train_pipeline
-    from napari_cpgcn.training.events import EventKind
 
     quiet = args.quiet
     config = PipelineConfig.tiny(backbone=args.backbone, image_size=args.size, epochs=args.epochs,
@@ -158,7 +158,7 @@ def predict(data: Path, run_dir: Path, pred_dir: Path, test_ids: list[str], devi
     """Predict the held-out images with the batch engine."""
     from napari_cpgcn.batch import BatchConfigError, BatchOptions, predict_folder
     from napari_cpgcn.cli import progress_bar
-    from napari_cpgcn.training.events import EventKind
+    from napari_cpgcn.events import EventKind
 
     options = BatchOptions(device=device, submission=True)
     try:
@@ -183,10 +183,9 @@ def evaluate(data: Path, pred_dir: Path, test_ids: list[str]) -> dict:
     """Image-level mAP (images.csv vs the image labels) and Kaggle cell mAP (vs the cell truth)."""
     import numpy as np
     import pandas as pd
-    import tifffile
 
     from napari_cpgcn.classes import SHORT_NAMES
-    from napari_cpgcn.evaluation.cell import CellAPAccumulator, CellTruth
+    from napari_cpgcn.evaluation.cell import CellTruth, evaluate_prediction_folder
     from napari_cpgcn.evaluation.image import per_class_ap
     from napari_cpgcn.io.tables import read_labels_csv
 
@@ -199,20 +198,10 @@ def evaluate(data: Path, pred_dir: Path, test_ids: list[str]) -> dict:
     image_ap = per_class_ap(labels.labels, scores)
 
     truth = CellTruth.load(data / "truth")
-    cells = pd.read_csv(pred_dir / "cells.csv")
-    accs = {p: CellAPAccumulator() for p in ("fused", "cell", "image")}
-    n_true = 0
-    for iid in test_ids:
-        tmask = truth.mask(iid)
-        tids, tlab = truth.labels[iid]
-        n_true += len(tids)
-        pmask = tifffile.imread(pred_dir / "masks" / f"{iid}.tif").astype(np.int64)
-        rows = cells[cells.image_id == iid]
-        pids = rows.cell_id.to_numpy(np.int64)
-        for prefix, acc in accs.items():
-            sc = rows[[f"{prefix}_{s}" for s in SHORT_NAMES]].to_numpy(np.float64)
-            acc.add(pmask, pids, sc, tmask, tids, tlab)
-    res = {p: a.result() for p, a in accs.items()}
+    res = evaluate_prediction_folder(pred_dir, truth, test_ids)
+    n_true = sum(len(truth.labels[i][0]) for i in test_ids if i in truth.labels)
+    with open(pred_dir / "cells.csv", encoding="utf-8") as fh:
+        n_cells = sum(1 for _ in fh) - 1
     present = np.isfinite(image_ap)
     return {
         "image_map": float(np.nanmean(image_ap)) if present.any() else float("nan"),
@@ -221,7 +210,7 @@ def evaluate(data: Path, pred_dir: Path, test_ids: list[str]) -> dict:
         "cell_map_cell_model_only": float(res["cell"].map),
         "cell_map_image_model_only": float(res["image"].map),
         "n_test_images": len(test_ids),
-        "n_predicted_cells": int(len(cells)),
+        "n_predicted_cells": n_cells,
         "n_true_cells": n_true,
     }
 
@@ -252,7 +241,9 @@ def run(args: argparse.Namespace) -> int:
     if args.size < 64:
         raise UsageError(f"--size must be >= 64 pixels, got {args.size}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from napari_cpgcn.io.atomic import check_writable
+
+    check_writable(out)
     setup_logging(args, logfile=str(out / "demo.log"))
     from napari_cpgcn.cli._predict import close_log_file, progress_logging
 
@@ -297,7 +288,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     scores["seconds"] = {k: round(v, 1) for k, v in times.items()}
     scores["failed_images"] = summary.n_failed if summary is not None else None
     scores["torch_threads"] = threads
-    from napari_cpgcn.io.tables import atomic_write_text
+    from napari_cpgcn.io.atomic import atomic_write_text
 
     atomic_write_text(out / "demo.json", json.dumps(scores, indent=1) + "\n")
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from napari_cpgcn.cli import EXIT_FAILURE, EXIT_OK, UsageError, add_common_arguments
+from napari_cpgcn.io.atomic import check_writable
 
 log = logging.getLogger("napari_cpgcn.cli.evaluate")
 
@@ -73,14 +74,16 @@ def evaluate_image(args: argparse.Namespace, out: Path) -> dict:
     import pandas as pd
 
     from napari_cpgcn.evaluation.image import ap_table, plot_ap_bars, plot_pr_curves
-    from napari_cpgcn.io.tables import atomic_write_text, read_labels_csv
-    from napari_cpgcn.training.datasets import ImageIndex
-    from napari_cpgcn.training.inference import load_image_model, predict_images, resolve_checkpoint
+    from napari_cpgcn.io.atomic import atomic_write_text
+    from napari_cpgcn.io.hpa import image_index
+    from napari_cpgcn.io.tables import read_labels_csv
+    from napari_cpgcn.pipeline.inference import predict_images
+    from napari_cpgcn.training.checkpoint import load_image_model, resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.run)
     model, config = load_image_model(ckpt, args.device)
     table = read_labels_csv(args.labels)
-    index = ImageIndex(args.data)
+    index = image_index(args.data)
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
     ids = [i for i in _image_ids(args, table, run_dir) if i in index]
     skipped = len(table.ids) - len(ids) if args.split == "all" else 0
@@ -98,7 +101,7 @@ def evaluate_image(args: argparse.Namespace, out: Path) -> dict:
     try:
         for start in range(0, len(ids), args.batch_size):
             chunk = ids[start:start + args.batch_size]
-            p, _ = predict_images(model, [index.read(i) for i in chunk], batch_size=args.batch_size, cam_size=None)
+            p, _ = predict_images(model, [index.read(i).data for i in chunk], batch_size=args.batch_size, cam_size=None)
             probs.append(p)
             if bar is not None:
                 bar.update(len(chunk))
@@ -110,9 +113,12 @@ def evaluate_image(args: argparse.Namespace, out: Path) -> dict:
     df = ap_table(labels, probs, names)
     atomic_write_text(out / "image_ap.csv", df.to_csv(index=False, float_format="%.6f"))
     ap = df["ap"].to_numpy()[:-1]
-    plot_ap_bars(ap, out / "image_ap.png", names,
-                 title=f"Image-level AP per class ({config.variant}, {config.backbone}, {len(ids)} images)")
-    plot_pr_curves(labels, probs, out / "image_pr.png", names)
+    try:
+        plot_ap_bars(ap, out / "image_ap.png", names,
+                     title=f"Image-level AP per class ({config.variant}, {config.backbone}, {len(ids)} images)")
+        plot_pr_curves(labels, probs, out / "image_pr.png", names)
+    except ImportError as e:  # the plots extra is not installed: the tables are the result
+        log.warning("no plots: %s", e)
     pred = pd.DataFrame(probs, columns=[f"image_{s}" for s in names])
     pred.insert(0, "image_id", ids)
     # 9 significant digits round-trip float32 exactly: rankings (hence AP) survive the CSV.
@@ -141,13 +147,13 @@ EVALUATORS: list[tuple[str, Callable[[argparse.Namespace, Path], dict]]] = [
 
 def run(args: argparse.Namespace) -> int:
     from napari_cpgcn.cli import setup_logging
-    from napari_cpgcn.io.tables import atomic_write_text
-    from napari_cpgcn.training.engine import CheckpointError
+    from napari_cpgcn.io.atomic import atomic_write_text
+    from napari_cpgcn.training.checkpoint import CheckpointError
 
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     setup_logging(args, logfile=str(out / "evaluate.log"))
     wanted = [s.strip() for s in args.levels.split(",") if s.strip()]
     known = [name for name, _ in EVALUATORS]

@@ -39,19 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _read_mask(folder: Path, image_id: str):
-    import numpy as np
+    from napari_cpgcn.io.masks import find_mask, read_mask
 
-    for name in (f"{image_id}.tif", f"{image_id}.tiff", f"{image_id}.png"):
-        p = folder / name
-        if p.is_file():
-            if p.suffix == ".png":
-                from PIL import Image
-
-                return np.asarray(Image.open(p))
-            import tifffile
-
-            return tifffile.imread(p)
-    raise FileNotFoundError(f"no mask {image_id}.tif in {folder}")
+    found = find_mask(folder, image_id)
+    if found is None:
+        raise FileNotFoundError(f"no mask {image_id}.tif in {folder}")
+    return read_mask(found)
 
 
 def export_submission(cells_csv: str | Path, masks_dir: str | Path, out: str | Path, score: str = "fused",

@@ -50,7 +50,7 @@ def cluster_arguments(args: argparse.Namespace) -> dict:
     from napari_cpgcn.cli import UsageError
 
     try:
-        from napari_cpgcn.distributed import (
+        from napari_cpgcn.batch.dask import (
             JOBQUEUE_KINDS,
             ClusterError,
             ClusterSpec,
@@ -81,11 +81,11 @@ def cluster_arguments(args: argparse.Namespace) -> dict:
 def folder_events(args: argparse.Namespace, local: Callable[..., Iterator], distributed: str,
                   *fargs, **kwargs) -> Iterator:
     """The events of ``local(*fargs, **kwargs)``, or with ``--cluster`` those of
-    ``napari_cpgcn.distributed.<distributed>(*fargs, **kwargs)`` plus the checked cluster options
+    ``napari_cpgcn.batch.dask.<distributed>(*fargs, **kwargs)`` plus the checked cluster options
     (:func:`cluster_arguments`: a bad ``--cluster`` setup is a usage error before any work starts)."""
     if not args.cluster:
         return local(*fargs, **kwargs)
     cluster = cluster_arguments(args)
-    from napari_cpgcn import distributed as dist
+    from napari_cpgcn.batch import dask as dist
 
     return getattr(dist, distributed)(*fargs, **cluster, **kwargs)

@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", "-m", required=True, metavar="RUN_OR_CKPT",
                    help="trained run folder (from `napari-cpgcn train` or `demo`) or a checkpoint inside one")
     p.add_argument("--out", "-o", required=True, metavar="OUT_DIR", help="output folder (rerun to resume)")
-    p.add_argument("--segmentation", default=None, metavar="METHOD",
+    p.add_argument("--segmentation", default=None, metavar="METHOD", choices=("classical", "cellpose"),
                    help="cell segmentation: classical (no weights) or cellpose; default: the method "
                         "the run was trained with")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
@@ -68,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    from napari_cpgcn.io.atomic import check_writable
+
+    check_writable(out)
     setup_logging(args, logfile=str(out / "predict.log"))
     try:
         return _run(args, input_dir, out)
@@ -105,15 +107,11 @@ def close_log_file(path: Path) -> None:
 
 
 def _run(args: argparse.Namespace, input_dir: Path, out: Path) -> int:
-    from napari_cpgcn.batch import (
-        BatchConfigError,
-        BatchOptions,
-        predict_folder,
-        resolve_model_path,
-    )
+    from napari_cpgcn.batch import BatchConfigError, BatchOptions, predict_folder
     from napari_cpgcn.cli import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, UsageError
     from napari_cpgcn.cli._folder import folder_events
-    from napari_cpgcn.training.events import EventKind
+    from napari_cpgcn.events import EventKind
+    from napari_cpgcn.pipeline.predictor import resolve_model_path
 
     try:
         model = resolve_model_path(args.model)

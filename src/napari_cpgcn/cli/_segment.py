@@ -78,8 +78,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from napari_cpgcn.cli import EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, UsageError
     from napari_cpgcn.cli._folder import checked_input_dir, folder_events
+    from napari_cpgcn.events import EventKind
     from napari_cpgcn.segmentation.folder import iter_segment_folder
-    from napari_cpgcn.training.events import EventKind
 
     input_dir = checked_input_dir(args)
     params: dict = {"nucleus_diameter": args.nucleus_diameter, "downscale": args.downscale}
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.diameter is not None or args.model != "cyto3" or args.gpu != "auto":
         raise UsageError("--model, --diameter and --gpu apply to --method cellpose only")
 
-    # with --cluster one Dask task per image (napari_cpgcn.distributed)
+    # with --cluster one Dask task per image (napari_cpgcn.batch.dask)
     events = folder_events(args, iter_segment_folder, "segment_folder_distributed", input_dir, args.out, args.method,
                            overwrite=args.overwrite, **params)
     bar = None

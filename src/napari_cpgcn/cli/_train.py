@@ -22,6 +22,7 @@ from napari_cpgcn.cli._training import (
     run_training,
     start_training_run,
 )
+from napari_cpgcn.pipeline.config import PRESETS
 
 log = logging.getLogger("napari_cpgcn.cli.train")
 
@@ -51,21 +52,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         seed="random seed",
         workers="DataLoader worker processes",
     )
-    p.add_argument("--preset", choices=["paper", "tiny"], default=None,
-                   help="paper: ResNet50, 512 px, 50/3x20/20 epochs, K=10 (default); tiny: resnet18, 128 px, "
-                        "2 epochs, K=3, 1 round (tests and demos)")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="; ".join(f"{k}: {v}" for k, v in PRESETS.items()) + " (default paper)")
     p.add_argument("--cell-backbone", default=None, help="backbone of the cell model only")
     p.add_argument("--crop-size", type=int, default=None, help="cell crop side in pixels")
     p.add_argument("--refine-epochs", type=int, default=None, help="epochs per refinement round")
     p.add_argument("--cell-epochs", type=int, default=None, help="epochs of the cell model (overrides --epochs)")
     p.add_argument("--k", type=int, default=None, help="sub-classes per class in the refinement (1 = no clustering)")
     p.add_argument("--rounds", type=int, default=None, help="refinement rounds (0 = no refinement)")
-    p.add_argument("--segmentation", default=None, help="segmentation method: classical (default) or cellpose")
+    p.add_argument("--segmentation", default=None, choices=("classical", "cellpose"),
+                   help="segmentation method: classical (default) or cellpose")
     p.add_argument("--masks-dir", default=None, metavar="DIR",
                    help="use ready cell masks ({ID}.tif / {ID}.png / {ID}_cells.png) instead of segmenting")
     p.add_argument("--cell-mode", choices=["pseudo", "baseline"], default=None,
                    help="cell model targets: pseudo-labels (default) or image labels copied to every cell")
     p.add_argument("--pseudo-threshold", type=float, default=None, help="pseudo-label score threshold (default 0.5)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in RUN_DIR with its saved settings (what a plain rerun does too); "
+                        "an error when RUN_DIR holds no run")
+    g.add_argument("--overwrite", action="store_true",
+                   help="RUN_DIR holds a run made with other settings: redo the stages they change (their "
+                        "outputs are replaced). Without it such a rerun is refused, naming what differs")
     add_common_arguments(p)
     p.set_defaults(func=run)
 
@@ -79,12 +87,12 @@ def build_config(args: argparse.Namespace):
     import dataclasses
 
     from napari_cpgcn.pipeline import PipelineConfig
+    from napari_cpgcn.training.checkpoint import CheckpointError
     from napari_cpgcn.training.config import ConfigError
-    from napari_cpgcn.training.engine import CheckpointError
 
     try:
-        preset = PipelineConfig.tiny if args.preset == "tiny" else PipelineConfig.paper
-        cfg = base_config(args, PipelineConfig.load, preset, resume=args.preset is None)
+        cfg = base_config(args, PipelineConfig.load, lambda: PipelineConfig.preset(args.preset or "paper"),
+                          resume=args.preset is None)
         img, ref, cell = {}, {}, {}
         if args.backbone:
             img["backbone"] = cell["backbone"] = args.backbone
@@ -137,7 +145,7 @@ class _Bars(TrainingBars):
     """Per-stage tqdm bars driven by pipeline events."""
 
     def handle(self, ev) -> int | None:
-        from napari_cpgcn.training.events import EventKind
+        from napari_cpgcn.events import EventKind
 
         k = ev.kind
         if k == EventKind.STAGE_START:
@@ -181,9 +189,18 @@ class _Bars(TrainingBars):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.resume and not (Path(args.out) / "config.json").is_file():
+        raise UsageError(f"--resume: {args.out} holds no run to resume (no config.json); leave --resume out to "
+                         "start a new run there")
     data_dir, labels, out, config = start_training_run(args, build_config, "train.log")
-    from napari_cpgcn.pipeline import train_pipeline
+    from napari_cpgcn.pipeline import RunSettingsChanged, check_settings, train_pipeline
 
-    return run_training(train_pipeline(data_dir, labels, out, config), _Bars(args.quiet, out), logger=log,
+    if not args.overwrite:
+        try:  # train_pipeline checks it too; here it exits with the usage code
+            check_settings(out, config)
+        except RunSettingsChanged as e:
+            raise UsageError(str(e)) from e
+    events = train_pipeline(data_dir, labels, out, config, overwrite=args.overwrite)
+    return run_training(events, _Bars(args.quiet, out), logger=log,
                         interrupted="interrupted; finished stages and the last finished epoch are kept; rerun "
                                     "the same command to resume")

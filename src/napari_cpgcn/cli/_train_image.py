@@ -82,7 +82,7 @@ class _EpochBars(TrainingBars):
     """One tqdm bar per epoch and a log line per finished epoch."""
 
     def handle(self, ev) -> int | None:
-        from napari_cpgcn.training.events import EventKind
+        from napari_cpgcn.events import EventKind
 
         if ev.kind == EventKind.EPOCH_START:
             self.open(ev.n_batches, f"epoch {ev.epoch}/{ev.n_epochs}", "batch")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_cpgcn.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, UsageError
+from napari_cpgcn.io.atomic import check_writable
 
 log = logging.getLogger("napari_cpgcn.cli.training")
 
@@ -94,7 +95,7 @@ def start_training_run(args: argparse.Namespace, build_config: Callable[[argpars
     if not labels.is_file():
         raise UsageError(f"labels CSV {labels} does not exist")
     config = build_config(args)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     from napari_cpgcn.training.ddp import is_main_process
 
     main_process = is_main_process()
@@ -140,7 +141,7 @@ def run_training(events: Iterable, bars: TrainingBars, *, logger: logging.Logger
     is a failure (exit 1), Ctrl-C logs ``interrupted`` (how to resume) and exits 130. The bars
     are closed in every case.
     """
-    from napari_cpgcn.training.engine import CheckpointError
+    from napari_cpgcn.training.checkpoint import CheckpointError
 
     try:
         for ev in events:

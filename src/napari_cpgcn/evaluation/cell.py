@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from napari_cpgcn.classes import N_CLASSES, SHORT_NAMES
+from napari_cpgcn.evaluation.matching import KAGGLE_IOU, iou_matrix, match_labels
 
 __all__ = [
     "KAGGLE_IOU",
-    "iou_matrix",
-    "match_cells",
-    "average_precision",
+    "detection_ap",
+    "evaluate_prediction_folder",
+    "SCORE_KINDS",
     "CellAPAccumulator",
     "CellMAPResult",
     "cell_map",
@@ -43,65 +44,9 @@ __all__ = [
 ]
 
 #: IoU a predicted cell needs with a true cell to count as the same cell (Kaggle 2021).
-KAGGLE_IOU = 0.6
-
-
-def iou_matrix(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """IoU of every predicted cell with every true cell of one image.
-
-    Parameters
-    ----------
-    pred, true
-        (Y, X) integer label images of the same shape, 0 = background.
-
-    Returns
-    -------
-    iou : numpy.ndarray
-        (n_pred, n_true) float64.
-    pred_ids, true_ids : numpy.ndarray
-        The label ids of the rows / columns (ids present in the images, sorted).
-    """
-    from napari_cpgcn.evaluation.matching import iou_table
-
-    pred = np.asarray(pred)
-    true = np.asarray(true)
-    if pred.shape != true.shape:
-        raise ValueError(f"predicted mask {pred.shape} and true mask {true.shape} differ in shape")
-    pred_ids = np.unique(pred)
-    pred_ids = pred_ids[pred_ids != 0].astype(np.int64)
-    true_ids = np.unique(true)
-    true_ids = true_ids[true_ids != 0].astype(np.int64)
-    iou = np.zeros((len(pred_ids), len(true_ids)))
-    pi, ti, v = iou_table(pred, true)  # sparse: only the overlapping pairs
-    if len(v):
-        iou[np.searchsorted(pred_ids, pi), np.searchsorted(true_ids, ti)] = v
-    return iou, pred_ids, true_ids
-
-
-def match_cells(pred: np.ndarray, true: np.ndarray, iou_threshold: float = KAGGLE_IOU
-                ) -> list[tuple[int, int, float]]:
-    """One-to-one matches ``(pred id, true id, IoU)`` at IoU ≥ ``iou_threshold``.
-
-    For thresholds ≥ 0.5 a match is unique by construction (two cells cannot both overlap
-    one cell by more than half), so greedy highest-IoU-first matching is optimal.
-    """
-    iou, pids, tids = iou_matrix(pred, true)
-    pairs = np.argwhere(iou >= iou_threshold)
-    order = np.argsort(-iou[pairs[:, 0], pairs[:, 1]], kind="stable")
-    used_p: set[int] = set()
-    used_t: set[int] = set()
-    out = []
-    for i, j in pairs[order]:
-        if i in used_p or j in used_t:
-            continue
-        used_p.add(i)
-        used_t.add(j)
-        out.append((int(pids[i]), int(tids[j]), float(iou[i, j])))
-    return out
-
-
-def average_precision(scores: np.ndarray, tp: np.ndarray, n_true: int) -> float:
-    """Open Images / VOC AP of ranked detections.
+def detection_ap(scores: np.ndarray, tp: np.ndarray, n_true: int) -> float:
+    """Open Images / VOC AP of ranked detections (interpolated precision envelope: the Kaggle 2021
+    cell metric; the image level uses scikit-learn's non-interpolated AP instead).
 
     Parameters
     ----------
@@ -256,7 +201,7 @@ class CellAPAccumulator:
                 continue
             s = np.concatenate(self._scores[k]) if self._scores[k] else np.zeros(0)
             t = np.concatenate(self._tp[k]) if self._tp[k] else np.zeros(0)
-            ap[k] = average_precision(s, t, int(self._n_true[k]))
+            ap[k] = detection_ap(s, t, int(self._n_true[k]))
         valid = self._n_true > 0
         m = float(np.nanmean(ap[valid])) if valid.any() else float("nan")
         return CellMAPResult(m, ap, self._n_true.copy(), self._n_images)
@@ -357,7 +302,7 @@ def pseudo_label_scores(pred: np.ndarray, true: np.ndarray, n_unmatched: int = 0
     ----------
     pred, true
         (n_cells, 19) multi-hot pseudo-labels and true labels of the same cells (matched
-        beforehand, e.g. with :func:`match_cells`).
+        beforehand, e.g. with :func:`napari_cpgcn.evaluation.matching.match_labels`).
     n_unmatched
         Reported as is (cells that could not be compared).
     """
@@ -426,16 +371,12 @@ class CellTruth:
 
     def mask(self, image_id: str) -> np.ndarray:
         """The (Y, X) true cell mask of one image."""
+        from napari_cpgcn.io.masks import read_mask
+
         for ext in ("png", "tif", "tiff"):
             p = self.folder / f"{image_id}_cells.{ext}"
             if p.is_file():
-                if ext == "png":
-                    from PIL import Image
-
-                    return np.asarray(Image.open(p)).astype(np.uint32)
-                import tifffile
-
-                return tifffile.imread(p).astype(np.uint32)
+                return read_mask(p)
         raise FileNotFoundError(f"no true cell mask {image_id}_cells.png/.tif in {self.folder}")
 
     def cell_labels(self, image_id: str, cell_ids: np.ndarray) -> np.ndarray:
@@ -457,17 +398,16 @@ def evaluate_pseudo_labels(table, masks_dir, truth: CellTruth, iou_threshold: fl
     Each pseudo-labelled cell is matched to a true cell at IoU ≥ ``iou_threshold``; matched
     cells are compared class by class, unmatched ones are counted in ``n_unmatched``.
     """
-    import tifffile
-
-    from napari_cpgcn.pseudolabels import pseudo_label_matrix
+    from napari_cpgcn.io.masks import read_mask
+    from napari_cpgcn.training.pseudolabels import pseudo_label_matrix
 
     pred_rows, true_rows, unmatched = [], [], 0
     for iid, sub in table.groupby("image_id", sort=True):
         if iid not in truth.labels:
             continue
-        pmask = tifffile.imread(Path(masks_dir) / f"{iid}.tif")
+        pmask = read_mask(Path(masks_dir) / f"{iid}.tif")
         tmask = truth.mask(iid)
-        pairs = {p: t for p, t, _ in match_cells(pmask, tmask, iou_threshold)}
+        pairs = dict(zip(*match_labels(pmask, tmask, iou_threshold)[:2], strict=True))
         mat = pseudo_label_matrix(sub)
         for r, cid in enumerate(sub["cell_id"].to_numpy()):
             t = pairs.get(int(cid))
@@ -519,19 +459,56 @@ def evaluate_predictor(
     """
     from napari_cpgcn.io.hpa import read_image
 
-    accs = {k: CellAPAccumulator(iou_threshold=iou_threshold) for k in ("fused", "cell", "image")}
+    accs = {k: CellAPAccumulator(iou_threshold=iou_threshold) for k in SCORE_KINDS}
     for iid in image_ids:
         img = read_image(images_dir, image_id=iid)
         tmask = truth.mask(iid)
         out = predictor.predict(img, cells=tmask if use_true_cells else None, segmentation=segmentation,
                                 with_cams=False)
-        tids, tlab = truth.labels.get(iid, (np.zeros(0, np.int64), np.zeros((0, N_CLASSES), np.uint8)))
-        pids = out.table["cell_id"].to_numpy(np.int64)
-        for k, acc in accs.items():
-            sc = out.table[[f"{k}_{s}" for s in SHORT_NAMES]].to_numpy(np.float64)
-            acc.add(out.cells, pids, sc, tmask, tids, tlab)
+        _add_image(accs, truth, iid, out.cells, out.table, tmask)
         if tables is not None:
             tables.append(out.table)
         if progress is not None:
             progress.update(1)
+    return {k: acc.result() for k, acc in accs.items()}
+
+
+#: The three per-cell scores of a prediction table: fused (image × cell), cell model, image model.
+SCORE_KINDS = ("fused", "cell", "image")
+
+
+def _add_image(accs: Mapping[str, CellAPAccumulator], truth: CellTruth, image_id: str, cells: np.ndarray,
+               table, true_mask: np.ndarray) -> None:
+    tids, tlab = truth.labels.get(image_id, (np.zeros(0, np.int64), np.zeros((0, N_CLASSES), np.uint8)))
+    pids = table["cell_id"].to_numpy(np.int64)
+    for k, acc in accs.items():
+        sc = table[[f"{k}_{s}" for s in SHORT_NAMES]].to_numpy(np.float64)
+        acc.add(cells, pids, sc, true_mask, tids, tlab)
+
+
+def evaluate_prediction_folder(pred_dir: str | Path, truth: CellTruth, image_ids: Iterable[str] | None = None,
+                               iou_threshold: float = KAGGLE_IOU) -> dict[str, CellMAPResult]:
+    """Kaggle cell-level mAP of a finished ``napari-cpgcn predict`` folder (``cells.csv`` +
+    ``masks/``) against cell truth, for the fused, cell-model and image-model scores.
+
+    ``image_ids`` default: every image of the truth; an image without a prediction counts its
+    true cells as missed.
+    """
+    import pandas as pd
+
+    from napari_cpgcn.io.masks import read_mask
+
+    pred_dir = Path(pred_dir)
+    cells = pd.read_csv(pred_dir / "cells.csv")
+    by_image = dict(tuple(cells.groupby("image_id", sort=False)))
+    accs = {k: CellAPAccumulator(iou_threshold=iou_threshold) for k in SCORE_KINDS}
+    for iid in (list(image_ids) if image_ids is not None else truth.image_ids):
+        tmask = truth.mask(iid)
+        mask_file = pred_dir / "masks" / f"{iid}.tif"
+        rows = by_image.get(iid)
+        if rows is None or not mask_file.is_file():
+            rows, pmask = cells.iloc[:0], np.zeros_like(tmask)
+        else:
+            pmask = read_mask(mask_file)
+        _add_image(accs, truth, iid, pmask, rows, tmask)
     return {k: acc.result() for k, acc in accs.items()}

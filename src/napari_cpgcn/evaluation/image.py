@@ -1,7 +1,7 @@
 """Image-level evaluation: per-class average precision, mAP, AP bar chart and PR curves.
 
 AP is the area under the precision-recall curve as the ranked probabilities are swept
-(non-interpolated: Σ_n (R_n − R_{n−1}) P_n, as scikit-learn computes it). The mAP is the macro
+(non-interpolated: Σ_n (R_n − R_{n−1}) P_n), computed by scikit-learn. The mAP is the macro
 mean over the classes that have at least one positive image (a class without positives has no
 defined AP and is reported as NaN).
 """
@@ -23,7 +23,6 @@ __all__ = [
     "ap_table",
     "plot_ap_bars",
     "plot_pr_curves",
-    "precision_recall_curve",
 ]
 
 log = logging.getLogger(__name__)
@@ -39,32 +38,14 @@ def _check(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return (y > 0.5).astype(np.int64), s
 
 
-def precision_recall_curve(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Precision, recall and thresholds over the distinct scores, highest threshold first.
-
-    Returns arrays of equal length; empty when there are no positives.
-    """
-    y, s = _check(y_true, scores)
-    n_pos = int(y.sum())
-    if n_pos == 0:
-        return np.zeros(0), np.zeros(0), np.zeros(0)
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    # Last index of each run of equal scores: ties share one threshold.
-    distinct = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tp = np.cumsum(y)[distinct]
-    fp = (distinct + 1) - tp
-    precision = tp / (tp + fp)
-    recall = tp / n_pos
-    return precision, recall, s[distinct]
-
-
 def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """AP of one class; NaN when there is no positive."""
-    precision, recall, _ = precision_recall_curve(y_true, scores)
-    if recall.size == 0:
+    """AP of one class (:func:`sklearn.metrics.average_precision_score`); NaN when there is no positive."""
+    from sklearn.metrics import average_precision_score
+
+    y, s = _check(y_true, scores)
+    if not y.any():
         return float("nan")
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return float(average_precision_score(y, s))
 
 
 def per_class_ap(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -93,16 +74,24 @@ def ap_table(y_true: np.ndarray, scores: np.ndarray, class_names: Sequence[str] 
                      ignore_index=True)
 
 
-def plot_ap_bars(ap: np.ndarray, path: str | Path, class_names: Sequence[str] = SHORT_NAMES,
-                 title: str = "Image-level AP per class", compare: dict[str, np.ndarray] | None = None) -> Path:
-    """Per-class AP bar chart (the paper's Fig. 3 kind) as a PNG; ``compare`` adds more models."""
-    import matplotlib
-
+def _pyplot():
+    """matplotlib's pyplot on the non-interactive backend, or a clear ImportError."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("plots need matplotlib: pip install \"napari-cpgcn[plots]\"") from e
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_ap_bars(ap: np.ndarray, path: str | Path, class_names: Sequence[str] = SHORT_NAMES,
+                 title: str = "Image-level AP per class", compare: dict[str, np.ndarray] | None = None) -> Path:
+    """Per-class AP bar chart (the paper's Fig. 3 kind) as a PNG; ``compare`` adds more models."""
     from napari_cpgcn.classes import CLASSES
 
+    plt = _pyplot()
     series = {"model": np.asarray(ap, dtype=float)} if not compare else {k: np.asarray(v, float) for k, v in compare.items()}
     n = len(class_names)
     width = 0.8 / len(series)
@@ -135,23 +124,20 @@ def plot_ap_bars(ap: np.ndarray, path: str | Path, class_names: Sequence[str] = 
 def plot_pr_curves(y_true: np.ndarray, scores: np.ndarray, path: str | Path,
                    class_names: Sequence[str] = SHORT_NAMES, title: str = "Precision-recall per class") -> Path:
     """Precision-recall curves of every class present, one panel, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve
 
     from napari_cpgcn.classes import CLASSES
 
+    plt = _pyplot()
     y, s = _check(y_true, scores)
     fig, ax = plt.subplots(figsize=(7, 6), dpi=120)
     for c in range(y.shape[1]):
-        p, r, _ = precision_recall_curve(y[:, c], s[:, c])
-        if r.size == 0:
+        if not y[:, c].any():
             continue
-        ap = float(np.sum(np.diff(np.r_[0.0, r]) * p))
+        p, r, _ = precision_recall_curve(y[:, c], s[:, c])
         color = CLASSES[c].color if c < len(CLASSES) else None
-        ax.step(np.r_[0.0, r], np.r_[p[0], p], where="pre", color=color, lw=1.2,
-                label=f"{class_names[c]} ({ap:.2f})")
+        ax.step(r, p, where="post", color=color, lw=1.2,
+                label=f"{class_names[c]} ({average_precision(y[:, c], s[:, c]):.2f})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("recall")

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["MatchResult", "iou_table", "match_labels", "match_summary"]
+__all__ = ["KAGGLE_IOU", "MatchResult", "iou_table", "iou_matrix", "match_labels", "match_summary"]
 
 #: The IoU threshold of the Kaggle HPA 2021 cell-level metric.
 KAGGLE_IOU = 0.6
@@ -104,6 +104,28 @@ def iou_table(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarra
     pi, ti = np.divmod(codes, len(t_ids))
     union = p_area[pi] + t_area[ti] - inter
     return p_ids[pi], t_ids[ti], inter / union
+
+
+def iou_matrix(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IoU of every predicted object with every true object: the dense form of :func:`iou_table`.
+
+    Returns
+    -------
+    iou : numpy.ndarray
+        (n_pred, n_true) float64.
+    pred_ids, true_ids : numpy.ndarray
+        The label ids of the rows / columns (ids present in the images, sorted).
+    """
+    pred, true = _check_pair(pred, true)
+    pred_ids = np.unique(pred)
+    pred_ids = pred_ids[pred_ids != 0].astype(np.int64)
+    true_ids = np.unique(true)
+    true_ids = true_ids[true_ids != 0].astype(np.int64)
+    iou = np.zeros((len(pred_ids), len(true_ids)))
+    pi, ti, v = iou_table(pred, true)  # sparse: only the overlapping pairs
+    if len(v):
+        iou[np.searchsorted(pred_ids, pi), np.searchsorted(true_ids, ti)] = v
+    return iou, pred_ids, true_ids
 
 
 def match_labels(

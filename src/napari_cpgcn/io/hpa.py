@@ -17,7 +17,9 @@ from __future__ import annotations
 import gzip
 import io as _io
 import logging
+import os
 import re
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +31,8 @@ from napari_cpgcn.classes import CHANNELS
 
 __all__ = [
     "HPAImage",
+    "ImageIndex",
+    "image_index",
     "HPAImageError",
     "CHANNEL_FILE_RE",
     "parse_channel_filename",
@@ -111,6 +115,20 @@ class HPAImage:
         }
 
 
+#: Pixels per channel file the PNG/JPEG reader accepts. PIL refuses images above ~179 M pixels
+#: (its "decompression bomb" guard against hostile files); HPA users' own fields are larger
+#: than that only when stitched (a 14000² scan is 196 M), so the limit is raised to 1 G pixels
+#: (32768²) here, deliberately, and only when this module reads a file.
+MAX_IMAGE_PIXELS = 2**30
+
+
+def _allow_large_images() -> None:
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS // 2:
+        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS // 2  # PIL errors at twice this value
+
+
 def to_float(data: np.ndarray) -> np.ndarray:
     """Scale an integer image to float32 in [0, 1] by its dtype's range (float input is returned as float32)."""
     if np.issubdtype(data.dtype, np.integer):
@@ -124,6 +142,160 @@ def parse_channel_filename(path: str | Path) -> tuple[str, str] | None:
     if not m:
         return None
     return m.group("id"), m.group("color").lower()
+
+
+#: Names of mask files that sit beside images and are never images (``{ID}_cells.tif``, ...).
+MASK_STEM_RE = re.compile(r"_(cells|predictedmask|cp_masks|masks?|labels)$", re.IGNORECASE)
+
+
+class ImageIndex:
+    """The HPA images of one folder, found with one directory listing.
+
+    Attributes
+    ----------
+    folder : Path
+        The folder listed.
+    channel_files : dict[str, dict[str, Path]]
+        Complete channel sets: ``{image id: {colour: file}}``.
+    incomplete : dict[str, dict[str, Path]]
+        Channel sets that lack a colour (their files, by colour).
+    tiffs : dict[str, Path]
+        Multi-channel TIFFs by image id (a TIFF named like a complete channel set is left out:
+        it is a mask or a copy, and the channel files are the image).
+    skipped : dict[str, str]
+        Files of the folder that are not read, with the reason (macOS ``._*`` files, broken
+        links, masks, duplicate channel files).
+
+    Use :meth:`of` (cached while the folder is unchanged) rather than the constructor, so that
+    reading many images of a large folder lists it once, not once per image.
+    """
+
+    _cache: dict[str, tuple[int, ImageIndex]] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        groups: dict[str, dict[str, Path]] = {}
+        tiffs: dict[str, Path] = {}
+        skipped: dict[str, str] = {}
+        with os.scandir(self.folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            name = entry.name
+            if name.startswith("._"):
+                skipped[name] = "macOS metadata file (._*), not an image"
+                continue
+            if name.startswith("."):
+                continue  # hidden files, our temporary files
+            parsed = parse_channel_filename(name)
+            is_tiff = TIFF_RE.search(name) is not None
+            if not (parsed or is_tiff):
+                continue
+            if entry.is_symlink() and not os.path.exists(entry.path):
+                skipped[name] = f"broken link (its target {os.readlink(entry.path)} does not exist)"
+                continue
+            if not entry.is_file():
+                continue
+            if parsed:
+                image_id, color = parsed
+                have = groups.setdefault(image_id, {})
+                if color in have:
+                    skipped[name] = f"a second {color} file of {image_id} (using {have[color].name})"
+                else:
+                    have[color] = Path(entry.path)
+            else:
+                stem = TIFF_RE.sub("", name)
+                if MASK_STEM_RE.search(stem):
+                    skipped[name] = "a mask file, not an image"
+                else:
+                    tiffs[stem] = Path(entry.path)
+        self.channel_files = {k: v for k, v in groups.items() if len(v) == 4}
+        self.incomplete = {k: v for k, v in groups.items() if len(v) < 4}
+        for image_id in [t for t in tiffs if t in self.channel_files]:
+            skipped[tiffs.pop(image_id).name] = (f"named like the image {image_id} whose four channel files are "
+                                                 "here (a mask or a copy?); the channel files are read")
+        self.tiffs = tiffs
+        self.skipped = skipped
+
+    @classmethod
+    def of(cls, folder: str | Path) -> ImageIndex:
+        """The index of ``folder``, listed again only when the folder changed (its mtime)."""
+        folder = Path(folder)
+        try:
+            key, mtime = str(folder.resolve()), folder.stat().st_mtime_ns
+        except FileNotFoundError:
+            raise FileNotFoundError(f"folder {folder} does not exist") from None
+        with cls._lock:
+            hit = cls._cache.get(key)
+            if hit is not None and hit[0] == mtime:
+                return hit[1]
+        index = cls(folder)
+        with cls._lock:
+            if len(cls._cache) > 64:
+                cls._cache.clear()
+            cls._cache[key] = (mtime, index)
+        return index
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.channel_files or image_id in self.tiffs
+
+    def __len__(self) -> int:
+        return len(self.channel_files) + len(self.tiffs)
+
+    @property
+    def ids(self) -> list[str]:
+        """Sorted ids of the complete images (channel sets with four files and TIFFs)."""
+        return sorted(set(self.channel_files) | set(self.tiffs))
+
+    def all_ids(self) -> list[str]:
+        """Sorted ids including incomplete channel sets (whose reading reports what is missing)."""
+        return sorted(set(self.ids) | set(self.incomplete))
+
+    def files(self, image_id: str) -> list[Path]:
+        """The files that hold one image."""
+        if image_id in self.channel_files:
+            return list(self.channel_files[image_id].values())
+        if image_id in self.tiffs:
+            return [self.tiffs[image_id]]
+        return list(self.incomplete.get(image_id, {}).values())
+
+    def channel_set(self, image_id: str) -> dict[str, Path]:
+        """The four channel files of ``image_id``, keyed by colour.
+
+        Raises
+        ------
+        FileNotFoundError
+            Naming the missing colours, the files that were found and any broken link.
+        """
+        if image_id in self.channel_files:
+            return {c: self.channel_files[image_id][c] for c in CHANNELS}
+        found = self.incomplete.get(image_id, {})
+        missing = [c for c in CHANNELS if c not in found]
+        have = ", ".join(sorted(p.name for p in found.values())) or "none"
+        broken = [n for n, why in self.skipped.items()
+                  if why.startswith("broken link") and (parse_channel_filename(n) or ("",))[0] == image_id]
+        hint = f" ({', '.join(broken)}: broken link)" if broken else ""
+        raise FileNotFoundError(
+            f"image {image_id!r} in {self.folder}: missing the {', '.join(missing)} channel "
+            f"file{'s' if len(missing) > 1 else ''}{hint} (found: {have}). Each HPA image needs four files "
+            f"named {image_id}_red/_green/_blue/_yellow with extension .png, .jpg or .tif."
+        )
+
+    def read(self, image_id: str, channels: Sequence[str] | None = None) -> HPAImage:
+        """Read one image of the folder.
+
+        Raises
+        ------
+        FileNotFoundError
+            No such image, or a channel file is missing (the message names them).
+        HPAImageError
+            A file that cannot be read as (part of) a four-channel HPA image.
+        """
+        if image_id in self.tiffs:
+            return read_multichannel_tiff(self.tiffs[image_id], channels=channels, image_id=image_id)
+        if image_id in self.channel_files or image_id in self.incomplete:
+            return read_channel_set(self.channel_set(image_id), image_id)
+        raise FileNotFoundError(f"image {image_id!r} not found in {self.folder}")
 
 
 def resolve_images_dir(folder: str | Path) -> Path:
@@ -145,10 +317,13 @@ def resolve_images_dir(folder: str | Path) -> Path:
 
 
 def _has_images(folder: Path) -> bool:
-    return any(
-        parse_channel_filename(p) or TIFF_RE.search(p.name)
-        for p in folder.iterdir() if p.is_file()
-    )
+    index = ImageIndex.of(folder)
+    return bool(index.channel_files or index.tiffs or index.incomplete)
+
+
+def image_index(folder: str | Path) -> ImageIndex:
+    """The :class:`ImageIndex` of the images folder of ``folder`` (:func:`resolve_images_dir`)."""
+    return ImageIndex.of(resolve_images_dir(folder))
 
 
 def list_image_ids(folder: str | Path, complete_only: bool = False) -> list[str]:
@@ -161,19 +336,8 @@ def list_image_ids(folder: str | Path, complete_only: bool = False) -> list[str]
     complete_only
         Only ids with all four channel files (multi-channel TIFFs always count).
     """
-    folder = resolve_images_dir(folder)
-    groups: dict[str, set[str]] = {}
-    tiffs: set[str] = set()
-    for p in folder.iterdir():
-        if not p.is_file():
-            continue
-        parsed = parse_channel_filename(p)
-        if parsed:
-            groups.setdefault(parsed[0], set()).add(parsed[1])
-        elif TIFF_RE.search(p.name):
-            tiffs.add(TIFF_RE.sub("", p.name))
-    ids = [i for i, cols in groups.items() if not complete_only or len(cols) == 4]
-    return sorted(set(ids) | tiffs)
+    index = ImageIndex.of(resolve_images_dir(folder))
+    return index.ids if complete_only else index.all_ids()
 
 
 def find_channel_files(folder: str | Path, image_id: str) -> dict[str, Path]:
@@ -184,24 +348,7 @@ def find_channel_files(folder: str | Path, image_id: str) -> dict[str, Path]:
     FileNotFoundError
         Naming the missing colours and the files that were found.
     """
-    folder = resolve_images_dir(folder)
-    found: dict[str, Path] = {}
-    for p in sorted(folder.glob(f"{glob_escape(image_id)}_*")):
-        parsed = parse_channel_filename(p)
-        if parsed and parsed[0] == image_id:
-            if parsed[1] in found:
-                log.warning("image %s has two %s files; using %s", image_id, parsed[1], found[parsed[1]].name)
-                continue
-            found[parsed[1]] = p
-    missing = [c for c in CHANNELS if c not in found]
-    if missing:
-        have = ", ".join(sorted(p.name for p in found.values())) or "none"
-        raise FileNotFoundError(
-            f"image {image_id!r} in {folder}: missing the {', '.join(missing)} channel "
-            f"file{'s' if len(missing) > 1 else ''} (found: {have}). Each HPA image needs four files "
-            f"named {image_id}_red/_green/_blue/_yellow with extension .png, .jpg or .tif."
-        )
-    return {c: found[c] for c in CHANNELS}
+    return ImageIndex.of(resolve_images_dir(folder)).channel_set(image_id)
 
 
 def glob_escape(s: str) -> str:
@@ -225,6 +372,7 @@ def _read_plane(path: Path, color: str) -> np.ndarray:
         else:
             from PIL import Image
 
+            _allow_large_images()
             with Image.open(path) as im:
                 im.load()
                 if im.mode in ("I;16", "I;16B", "I;16L"):
@@ -236,7 +384,16 @@ def _read_plane(path: Path, color: str) -> np.ndarray:
                     arr = np.array(im)
                 else:
                     arr = np.array(im.convert("RGB"))
+    except MemoryError:
+        raise
     except Exception as e:  # PIL/tifffile raise many types for broken files
+        if type(e).__name__ == "DecompressionBombError":
+            raise HPAImageError(
+                f"cannot read {path}: {e} The image is larger than this reader's limit of "
+                f"{MAX_IMAGE_PIXELS:,} pixels per channel; tile it (e.g. into 4096² fields) or save it as a "
+                "TIFF, which has no such limit.") from e
+        if isinstance(e, OSError) and getattr(e, "errno", None) is not None:
+            raise HPAImageError(f"cannot read {path}: {e.strerror or e}") from e
         raise HPAImageError(
             f"cannot read {path}: {type(e).__name__}: {e}. The file is corrupt, truncated or not an "
             "image; re-download or re-export it (other images are not affected)."
@@ -343,6 +500,7 @@ def read_multichannel_tiff(
             arr = series.asarray()
             axes = series.axes
             names = _channel_names_from_tiff(tif)
+            desc = (tif.pages.first.description or "") if tif.pages else ""
     except Exception as e:
         raise HPAImageError(
             f"cannot read {path}: {type(e).__name__}: {e}. The TIFF is corrupt or truncated; re-export it."
@@ -354,11 +512,16 @@ def read_multichannel_tiff(
         if ax in axes and arr.shape[axes.index(ax)] > 1:
             caxis = axes.index(ax)
             break
-    if caxis is None and arr.ndim == 3 and min(arr.shape) <= 4:
-        caxis = int(np.argmin(arr.shape))
+    if caxis is None and arr.ndim == 3 and min(arr.shape) <= 16 and min(arr.shape) * 2 < sorted(arr.shape)[1]:
+        caxis = int(np.argmin(arr.shape))  # (C, Y, X) or (Y, X, C) with a few channels
     if caxis is None:
+        if '"napari_cpgcn": "cell mask"' in desc:
+            raise HPAImageError(
+                f"{path} is a cell mask written by napari-cpgcn, not an image; keep masks out of the "
+                "images folder (napari-cpgcn writes them to its own output folders)")
+        what = "a single-channel image" if arr.ndim == 2 or min(arr.shape) == 1 else "an image"
         raise HPAImageError(
-            f"{path}: found a single-channel image of shape {arr.shape}. An HPA image needs four "
+            f"{path}: found {what} of shape {arr.shape} with no channel axis. An HPA image needs four "
             "channels: give one multi-channel TIFF or four files named ID_red/_green/_blue/_yellow."
         )
     arr = np.moveaxis(arr, caxis, 0)
@@ -366,8 +529,8 @@ def read_multichannel_tiff(
     n = arr.shape[0]
     if channels is None and names is not None and len(names) == n:
         mapped = [_color_for_name(nm) for nm in names]
-        if all(mapped) and len(set(mapped)) == n:
-            channels = mapped  # type: ignore[assignment]
+        if sorted(c for c in mapped if c) == sorted(CHANNELS):  # each colour once; others skipped
+            channels = [c or "skip" for c in mapped]
         else:
             log.warning("%s: channel names %s do not map onto red/green/blue/yellow", path, names)
     if channels is None:
@@ -378,14 +541,19 @@ def read_multichannel_tiff(
             raise HPAImageError(
                 f"{path}: {n} channels, but an HPA image has 4 (red microtubules, green protein, "
                 f"blue nucleus, yellow ER). {'This looks like an RGB composite, which has lost the yellow channel. ' if n == 3 else ''}"
-                "Give the four original channels (or pass channels=[...] naming each channel's colour)."
+                "Give the four original channels, or name each channel's colour in file order "
+                "(channels=[...], 'skip' for a channel that is none of them)."
             )
     channels = [c.lower() for c in channels]
     if len(channels) != n:
         raise HPAImageError(f"{path}: {n} channels in the file but {len(channels)} names given ({channels})")
-    unknown = [c for c in channels if c not in CHANNELS]
+    unknown = [c for c in channels if c not in CHANNELS and c != "skip"]
     if unknown:
-        raise HPAImageError(f"{path}: unknown channel colour(s) {unknown}; use red, green, blue, yellow")
+        raise HPAImageError(f"{path}: unknown channel colour(s) {unknown}; use red, green, blue, yellow "
+                            "(or 'skip')")
+    twice = sorted({c for c in channels if c != "skip" and channels.count(c) > 1})
+    if twice:
+        raise HPAImageError(f"{path}: the colour(s) {twice} are given to more than one channel ({channels})")
     missing = [c for c in CHANNELS if c not in channels]
     if missing:
         raise HPAImageError(f"{path}: no {', '.join(missing)} channel among {channels}")
@@ -420,9 +588,9 @@ def read_image(
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if path.is_dir():
-        folder = resolve_images_dir(path)
+        index = ImageIndex.of(resolve_images_dir(path))
         if image_id is None:
-            ids = list_image_ids(folder)
+            ids = index.all_ids()
             if not ids:
                 raise FileNotFoundError(
                     f"{path} holds no HPA images: expected files named ID_red.png, ID_green.png, "
@@ -434,14 +602,10 @@ def read_image(
                     "say which one with image_id."
                 )
             image_id = ids[0]
-        tiff = [p for p in folder.iterdir() if TIFF_RE.search(p.name) and TIFF_RE.sub("", p.name) == image_id
-                and not parse_channel_filename(p)]
-        if tiff:
-            return read_multichannel_tiff(tiff[0], channels=channels, image_id=image_id)
-        return read_channel_set(find_channel_files(folder, image_id), image_id)
+        return index.read(image_id, channels=channels)
     parsed = parse_channel_filename(path)
     if parsed:
-        return read_channel_set(find_channel_files(path.parent, parsed[0]), parsed[0])
+        return ImageIndex.of(path.parent).read(parsed[0])
     if TIFF_RE.search(path.name):
         return read_multichannel_tiff(path, channels=channels, image_id=image_id)
     if path.suffix.lower() in (".png", ".jpg", ".jpeg"):

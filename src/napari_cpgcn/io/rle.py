@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_cpgcn.io.tables import atomic_write_text
+from napari_cpgcn.io.atomic import atomic_write_text
 
 __all__ = [
     "encode_binary_mask",

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from napari_cpgcn.classes import N_CLASSES, class_by_name
+from napari_cpgcn.io.atomic import atomic_write_text
 
 __all__ = ["LabelTable", "read_labels_csv", "write_labels_csv", "parse_label_string",
-           "format_label_string", "atomic_write_text"]
+           "format_label_string"]
 
 
 class LabelsCSVError(ValueError):
@@ -55,10 +54,20 @@ class LabelTable:
 
 
 def parse_label_string(s: str, *, where: str = "") -> list[int]:
-    """``"8|5|0"`` → ``[8, 5, 0]``; class names are accepted too."""
+    """``"8|5|0"`` → ``[8, 5, 0]``.
+
+    Labels are joined by ``|``; each is a class id (0..18) or a class name (``Golgi apparatus``,
+    case-insensitive, spaces included) or short name (``golgi``). A ``|``-free field of
+    space-separated ids (``"8 5 0"``) is accepted too.
+    """
+    s = s.strip()
+    if "|" not in s and " " in s and all(t.lstrip("-").isdigit() for t in s.split()):
+        tokens = s.split()
+    else:
+        tokens = s.split("|")
     out: list[int] = []
-    for tok in s.replace(" ", "|").split("|"):
-        tok = tok.strip()
+    for tok in tokens:
+        tok = " ".join(tok.split())  # "Golgi  apparatus " -> "Golgi apparatus"
         if not tok:
             continue
         if tok.lstrip("-").isdigit():
@@ -73,7 +82,8 @@ def parse_label_string(s: str, *, where: str = "") -> list[int]:
             try:
                 out.append(class_by_name(tok).index)
             except KeyError:
-                raise LabelsCSVError(f"{where}unknown class {tok!r}; use ids 0..{N_CLASSES - 1} or class names") from None
+                raise LabelsCSVError(f"{where}unknown class {tok!r}; use ids 0..{N_CLASSES - 1} or class names "
+                                     "joined by '|' (e.g. 'Golgi apparatus|Nucleoplasm')") from None
     return out
 
 
@@ -122,20 +132,6 @@ def read_labels_csv(path: str | Path) -> LabelTable:
     for r, ks in enumerate(rows):
         labels[r, ks] = 1
     return LabelTable(ids, labels)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_labels_csv(path: str | Path, table: LabelTable) -> None:

@@ -122,6 +122,10 @@ def crop_cell(
     return out
 
 
+#: Crops are stored and served on a 16-bit grid: integer value = intensity × CROP_SCALE.
+CROP_SCALE = 65535.0
+
+
 def crop_cells(
     image: np.ndarray,
     cells: np.ndarray,
@@ -133,13 +137,19 @@ def crop_cells(
 ) -> np.ndarray:
     """Crops of every cell of ``table`` (geometry columns) → (n, 4, size, size).
 
-    ``dtype=np.uint8`` stores crops compactly (value × 255, rounded) for caches.
+    Values lie on one grid, steps of 1/65535 (16-bit): ``dtype=np.uint16`` gives them as
+    integers (value × 65535) for the training crop cache, ``np.float32`` as [0, 1] floats for
+    prediction, so a cell seen in training and the same cell predicted get the same numbers
+    (16-bit images keep their precision either way).
     """
+    if dtype not in (np.uint16, np.float32):
+        raise ValueError(f"crop dtype must be uint16 (cache) or float32, got {np.dtype(dtype)}")
     n = len(table)
     out = np.zeros((n, image.shape[0], size, size), dtype)
     for i, row in enumerate(table.itertuples(index=False)):
         c = crop_cell(image, cells, int(row.cell_id),
                       (int(row.bbox_y0), int(row.bbox_x0), int(row.bbox_y1), int(row.bbox_x1)),
                       size=size, zero_background=zero_background, pad=pad)
-        out[i] = np.clip(np.rint(c * 255), 0, 255).astype(np.uint8) if dtype == np.uint8 else c
+        q = np.clip(np.rint(c * CROP_SCALE), 0, CROP_SCALE).astype(np.uint16)
+        out[i] = q if dtype == np.uint16 else q.astype(np.float32) / CROP_SCALE
     return out

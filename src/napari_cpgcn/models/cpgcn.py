@@ -40,6 +40,26 @@ def normalize_cams(cams: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return c / (mx + eps)
 
 
+def resize_cams(cams, size: tuple[int, int]):
+    """The one CAM resizer: bilinear, pixel-centre aligned (``align_corners=False``), no
+    antialiasing (maps are only ever enlarged to image size).
+
+    ``cams`` is a torch tensor (..., h, w) or a numpy array (h, w) / (C, h, w); the result has the
+    same type, float32, last two axes ``size``.
+    """
+    import numpy as np
+    import torch.nn.functional as F
+
+    size = (int(size[0]), int(size[1]))
+    is_numpy = isinstance(cams, np.ndarray)
+    t = torch.from_numpy(np.ascontiguousarray(cams, dtype=np.float32)) if is_numpy else cams.float()
+    if tuple(t.shape[-2:]) != size:
+        lead = t.shape[:-2]
+        t = F.interpolate(t.reshape(-1, 1, *t.shape[-2:]), size=size, mode="bilinear",
+                          align_corners=False).reshape(*lead, *size)
+    return t.numpy() if is_numpy else t
+
+
 class CPGCN(nn.Module):
     """Image-level multi-label classifier with class activation maps.
 

@@ -27,6 +27,7 @@ __all__ = [
     "METHODS",
     "segment_cells",
     "make_params",
+    "check_method",
     "ClassicalParams",
     "CellposeParams",
     "default_nucleus_diameter",
@@ -59,6 +60,19 @@ def make_params(method: str = "classical", **params: Any):
         )
     # None means "the default" for every parameter.
     return cls(**{k: v for k, v in params.items() if v is not None})
+
+
+def check_method(method: str = "classical", **params: Any):
+    """Check a segmentation request before any image is touched: the method, its parameters
+    and, for cellpose, that its weights are there. Returns the parameter dataclass.
+
+    A folder run calls this once, so a typo or a missing weight file is one clear error, not
+    one failure per image.
+    """
+    p = make_params(method, **params)
+    if method == "cellpose":
+        resolve_cellpose_weights(p.model, p.models_dir)
+    return p
 
 
 def _as_array(image: Any) -> np.ndarray:

@@ -8,17 +8,15 @@ interrupted run leaves no half-written mask and a rerun skips the finished ones.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from napari_cpgcn.events import Event, EventKind, ShouldStop
+from napari_cpgcn.io.atomic import check_writable
+from napari_cpgcn.io.masks import write_mask
 
-from napari_cpgcn.training.events import Event, EventKind, ShouldStop
-
-__all__ = ["mask_path", "write_mask", "read_mask", "iter_segment_folder"]
+__all__ = ["mask_path", "iter_segment_folder", "refuse_input_as_output"]
 
 log = logging.getLogger(__name__)
 
@@ -28,31 +26,19 @@ def mask_path(out_dir: str | Path, image_id: str) -> Path:
     return Path(out_dir) / f"{image_id}.tif"
 
 
-def write_mask(path: str | Path, labels: np.ndarray) -> Path:
-    """Write a label image as a zlib-compressed TIFF (uint16 when the ids fit, else uint32), atomically."""
-    import tifffile
+def refuse_input_as_output(images_dir: str | Path, out_dir: str | Path) -> None:
+    """Masks never go into the images folder (``{ID}.tif`` beside the channel files would be
+    taken for images by other tools).
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    labels = np.asarray(labels)
-    dtype = np.uint16 if labels.size == 0 or int(labels.max()) <= np.iinfo(np.uint16).max else np.uint32
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tif.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        tifffile.imwrite(tmp, labels.astype(dtype, copy=False), compression="zlib")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a mask is an ordinary output file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    """Read a mask written by :func:`write_mask` as uint32."""
-    import tifffile
-
-    return np.asarray(tifffile.imread(path)).astype(np.uint32, copy=False)
+    Raises
+    ------
+    ValueError
+        When ``out_dir`` is the images folder, naming a folder to use instead.
+    """
+    images_dir, out = Path(images_dir).resolve(), Path(out_dir).resolve()
+    if out == images_dir:
+        raise ValueError(f"the output folder {out_dir} is the images folder: the masks would sit among the "
+                         f"images. Give another --out, e.g. {images_dir.parent / (images_dir.name + '_masks')}")
 
 
 def iter_segment_folder(
@@ -93,13 +79,9 @@ def iter_segment_folder(
     import time
 
     from napari_cpgcn.io.hpa import list_image_ids, read_image, resolve_images_dir
-    from napari_cpgcn.segmentation import make_params, segment_cells
+    from napari_cpgcn.segmentation import check_method, segment_cells
 
-    p = make_params(method, **params)  # bad parameters fail before any work
-    if method == "cellpose":  # a missing weight file would fail every image: say so once, now
-        from napari_cpgcn.segmentation import resolve_cellpose_weights
-
-        resolve_cellpose_weights(p.model, p.models_dir)
+    check_method(method, **params)  # a typo or missing weights: one error now, not one per image
     folder = resolve_images_dir(input_dir)
     ids = list(image_ids) if image_ids is not None else list_image_ids(folder)
     if not ids:
@@ -108,7 +90,8 @@ def iter_segment_folder(
             "ID_blue.png, ID_yellow.png (or .jpg/.tif), or multi-channel TIFFs"
         )
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    refuse_input_as_output(folder, out)
+    check_writable(out)
     skipped = [i for i in ids if not overwrite and mask_path(out, i).exists()]
     todo = [i for i in ids if i not in set(skipped)]
     if skipped:

@@ -20,16 +20,14 @@ import numpy as np
 import pandas as pd
 
 from napari_cpgcn.classes import N_CLASSES, SHORT_NAMES
+from napari_cpgcn.events import Event, EventKind, ShouldStop
 from napari_cpgcn.training.config import ConfigError, TrainConfig, check_channel_stats
-from napari_cpgcn.training.events import Event, EventKind, ShouldStop
 
 __all__ = [
     "CellModelConfig",
     "cell_targets",
     "split_by_image",
     "train_cell_model",
-    "load_cell_model",
-    "predict_crops",
     "CELL_MODEL_KIND",
 ]
 
@@ -126,7 +124,7 @@ def cell_targets(cells: pd.DataFrame, mode: str, image_labels: dict[str, np.ndar
             raise ValueError(f"no image labels for {len(missing)} images, e.g. {missing[0]}")
         return np.stack([np.asarray(image_labels[i], np.float32) for i in cells["image_id"]]) \
             if len(cells) else np.zeros((0, N_CLASSES), np.float32)
-    from napari_cpgcn.pseudolabels import pseudo_label_matrix, soft_score_matrix
+    from napari_cpgcn.training.pseudolabels import pseudo_label_matrix, soft_score_matrix
 
     return soft_score_matrix(cells) if soft else pseudo_label_matrix(cells).astype(np.float32)
 
@@ -147,8 +145,10 @@ def split_by_image(image_ids: list[str] | np.ndarray, val_fraction: float, seed:
 
 
 def _crop_stats(crops: np.ndarray, rows: np.ndarray, max_n: int = 2000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    from napari_cpgcn.models.cell import CROP_SCALE
+
     sel = rows[np.linspace(0, len(rows) - 1, min(len(rows), max_n)).astype(int)] if len(rows) else rows
-    x = np.asarray(crops[np.sort(sel)], dtype=np.float32) / 255.0
+    x = np.asarray(crops[np.sort(sel)], dtype=np.float32) / CROP_SCALE
     if x.size == 0:
         from napari_cpgcn.models.backbone import DEFAULT_MEAN, DEFAULT_STD
 
@@ -225,8 +225,9 @@ def train_cell_model(
     import torch
 
     from napari_cpgcn.models.cell import build_cell_model
-    from napari_cpgcn.training.cell_data import CropDataset, build_crop_cache
-    from napari_cpgcn.training.engine import fit, load_backbone_weights
+    from napari_cpgcn.training.checkpoint import load_backbone_weights
+    from napari_cpgcn.training.crops import CropDataset, build_crop_cache
+    from napari_cpgcn.training.engine import fit
 
     config = config or CellModelConfig()
     config.validate()
@@ -309,46 +310,4 @@ def train_cell_model(
     yield from fit(model, train_loader, val_loader, config, run_dir, should_stop, meta=_meta(config),
                    epoch_hook=epoch_hook, resume=resume, stage=stage)
 
-
-def load_cell_model(path: str | Path, device: str = "auto"):
-    """Load a cell classifier checkpoint (``best.pt`` / ``latest.pt`` or its run folder).
-
-    Returns
-    -------
-    (model, config, device)
-        The model in eval mode on ``device``, its :class:`CellModelConfig` and the torch device.
-    """
-    from napari_cpgcn.models.cell import build_cell_model
-    from napari_cpgcn.training.engine import CheckpointError, load_checkpoint, resolve_device
-
-    path = Path(path)
-    if path.is_dir():
-        cand = [path / "best.pt", path / "latest.pt"]
-        found = [p for p in cand if p.is_file()]
-        if not found:
-            raise FileNotFoundError(f"no cell model checkpoint (best.pt / latest.pt) in {path}; "
-                                    "train the pipeline's cell_model stage first")
-        path = found[0]
-    ckpt = load_checkpoint(path, map_location="cpu")
-    meta = ckpt.get("meta", {})
-    if meta.get("kind") != CELL_MODEL_KIND:
-        raise CheckpointError(f"{path} is not a cell classifier checkpoint (kind {meta.get('kind')!r})")
-    config = CellModelConfig.from_dict(dict(ckpt.get("config", {})))
-    model = build_cell_model(config, weights=None)
-    model.load_state_dict(ckpt["model"])
-    dev = resolve_device(device)
-    model.to(dev).eval()
-    return model, config, dev
-
-
-def predict_crops(model, crops: np.ndarray, device, batch_size: int = 64) -> np.ndarray:
-    """Sigmoid probabilities (n, C) of float crops (n, 4, S, S) in [0, 1]."""
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(crops), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(crops[i:i + batch_size], dtype=np.float32)).to(device)
-            out.append(torch.sigmoid(model(x).float()).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.n_classes), np.float32)
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from napari_cpgcn.classes import SHORT_NAMES
 
-__all__ = ["TrainConfig", "ImageModelConfig", "ConfigError"]
+__all__ = ["TrainConfig", "ImageModelConfig", "ConfigError", "PseudoLabelConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         """Write the config as JSON atomically."""
-        from napari_cpgcn.io.tables import atomic_write_text
+        from napari_cpgcn.io.atomic import atomic_write_text
 
         atomic_write_text(path, self.to_json() + "\n")
 
@@ -252,3 +252,36 @@ class ImageModelConfig(TrainConfig):
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"crop_scale must be (min, max) within (0, 1], got {self.crop_scale}")
         check_channel_stats(self)
+
+
+#: How a cell's CAM score and the image probability combine (:mod:`napari_cpgcn.training.pseudolabels`).
+RULES = ("mixture", "product", "cam")
+
+
+@dataclass
+class PseudoLabelConfig:
+    """How CAMs become cell labels.
+
+    Attributes
+    ----------
+    threshold : float
+        A cell gets a class when its combined score is at least this.
+    rule : str
+        ``"mixture"`` (default: ``p·r + (1 − p)``), ``"product"`` (``p·r``) or ``"cam"``
+        (``r`` alone, the image probability ignored).
+    relative : bool
+        Divide by the most activated cell of the image (step 3); False keeps ``a_ic``.
+    """
+
+    threshold: float = 0.5
+    rule: str = "mixture"
+    relative: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown pseudo-label rule {self.rule!r}; use one of {RULES}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"pseudo-label threshold must be in [0, 1], got {self.threshold}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -20,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,67 +28,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from napari_cpgcn.io.hpa import (
-    TIFF_RE,
-    parse_channel_filename,
-    read_channel_set,
-    read_multichannel_tiff,
-    resolve_images_dir,
-    to_float,
-)
+from napari_cpgcn.events import Event, EventKind, ShouldStop
+from napari_cpgcn.io.atomic import atomic_save_npy
+from napari_cpgcn.io.hpa import ImageIndex, image_index, to_float
 from napari_cpgcn.io.tables import LabelTable
 
 __all__ = [
-    "ImageIndex",
     "HPAImageDataset",
     "split_ids",
     "resize_image",
     "invert_augmentation",
     "channel_stats",
+    "check_images",
 ]
 
 log = logging.getLogger(__name__)
-
-
-class ImageIndex:
-    """The images of a folder, found with one directory listing: ``{image id: files}``."""
-
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = resolve_images_dir(folder)
-        groups: dict[str, dict[str, Path]] = {}
-        tiffs: dict[str, Path] = {}
-        with os.scandir(self.folder) as it:
-            for entry in it:
-                if not entry.is_file():
-                    continue
-                parsed = parse_channel_filename(entry.name)
-                if parsed:
-                    groups.setdefault(parsed[0], {}).setdefault(parsed[1], Path(entry.path))
-                elif TIFF_RE.search(entry.name):
-                    tiffs[TIFF_RE.sub("", entry.name)] = Path(entry.path)
-        self.channel_files = {k: v for k, v in groups.items() if len(v) == 4}
-        self.incomplete = sorted(k for k, v in groups.items() if len(v) < 4)
-        self.tiffs = tiffs
-
-    def __contains__(self, image_id: str) -> bool:
-        return image_id in self.channel_files or image_id in self.tiffs
-
-    @property
-    def ids(self) -> list[str]:
-        return sorted(set(self.channel_files) | set(self.tiffs))
-
-    def files(self, image_id: str) -> list[Path]:
-        if image_id in self.channel_files:
-            return list(self.channel_files[image_id].values())
-        return [self.tiffs[image_id]]
-
-    def read(self, image_id: str) -> np.ndarray:
-        """(4, Y, X) uint8/uint16 array of one image."""
-        if image_id in self.channel_files:
-            return read_channel_set(self.channel_files[image_id], image_id).data
-        if image_id in self.tiffs:
-            return read_multichannel_tiff(self.tiffs[image_id], image_id=image_id).data
-        raise FileNotFoundError(f"image {image_id!r} not found in {self.folder}")
 
 
 def split_ids(ids: Sequence[str], val_fraction: float, salt: str = "napari-cpgcn") -> tuple[list[str], list[str]]:
@@ -174,7 +126,7 @@ class HPAImageDataset(Dataset):
     def __init__(self, data_dir: str | Path, table: LabelTable, image_size: int = 512, augment: bool = False,
                  cache_dir: str | Path | None = None, crop_scale: tuple[float, float] = (0.6, 1.0),
                  index: ImageIndex | None = None) -> None:
-        self.index = index or ImageIndex(data_dir)
+        self.index = index or image_index(data_dir)
         missing = [i for i in table.ids if i not in self.index]
         if missing:
             raise FileNotFoundError(
@@ -205,23 +157,18 @@ class HPAImageDataset(Dataset):
         """Image ``i`` resized to (4, S, S), float32 in [0, 1], without augmentation."""
         image_id = self.ids[i]
         if self.cache_dir is None:
-            return resize_image(self.index.read(image_id), self.image_size)
+            return resize_image(self.index.read(image_id).data, self.image_size)
         path = self._cache_path(image_id)
         if path.is_file():
             try:
                 return torch.from_numpy(np.load(path).astype(np.float32) / 65535.0)
             except (OSError, ValueError):
                 log.warning("cache file %s unreadable; rebuilding it", path)
-        img = resize_image(self.index.read(image_id), self.image_size)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, np.round(img.numpy() * 65535.0).astype(np.uint16))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return torch.from_numpy(np.round(img.numpy() * 65535.0).astype(np.uint16).astype(np.float32) / 65535.0)
+        img = resize_image(self.index.read(image_id).data, self.image_size)
+        q = np.round(img.numpy() * 65535.0).astype(np.uint16)
+        atomic_save_npy(path, q)
+        # What a later epoch reads back from the cache: the same values every epoch.
+        return torch.from_numpy(q.astype(np.float32) / 65535.0)
 
     def _augment(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.image_size
@@ -264,6 +211,46 @@ class HPAImageDataset(Dataset):
         else:
             aug = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0])
         return {"image": img, "target": torch.from_numpy(self.labels[i]), "index": i, "aug": aug}
+
+
+def check_images(dataset: HPAImageDataset, workers: int = 2,
+                 should_stop: ShouldStop | None = None) -> Iterator[Event]:
+    """Read every image of ``dataset`` once (building its resize cache on the way); yields progress.
+
+    A bad image (truncated, zero-byte, channels of different sizes, 3 channels, unreadable) is
+    not an error: it is reported, and training goes on without it. With the cache on, this pass
+    is the first epoch's reading done ahead (nothing is decoded twice); an image already in the
+    cache is not decoded again.
+
+    Yields
+    ------
+    Event
+        ``ITEM`` every ~5 % of the images; finally ``DONE`` with ``result`` = ``{image id: reason}``
+        of the images that cannot be used (empty when all are fine). ``STOPPED`` on a stop.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = len(dataset)
+    bad: dict[str, str] = {}
+
+    def one(i: int) -> tuple[int, str]:
+        try:
+            dataset.load(i)
+        except (OSError, ValueError) as e:  # HPAImageError is a ValueError; FileNotFoundError an OSError
+            return i, f"{type(e).__name__}: {e}"
+        return i, ""
+
+    step = max(1, n // 20)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cpgcn-check") as pool:
+        for k, (i, err) in enumerate(pool.map(one, range(n)), start=1):
+            if err:
+                bad[dataset.ids[i]] = err
+            if should_stop is not None and should_stop():
+                yield Event(EventKind.STOPPED, message=f"stopped while checking images ({k} of {n})")
+                return
+            if k % step == 0 or k == n:
+                yield Event(EventKind.ITEM, batch=k, n_batches=n, message=f"checked {k} of {n} images")
+    yield Event(EventKind.DONE, message=f"{n - len(bad)} of {n} images usable", result=bad)
 
 
 def channel_stats(dataset: HPAImageDataset, max_images: int = 200) -> tuple[tuple[float, ...], tuple[float, ...]]:

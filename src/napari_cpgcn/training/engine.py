@@ -1,7 +1,7 @@
 """A generic, resumable training loop that yields typed progress events.
 
 :func:`fit` trains any ``nn.Module`` on batches that are dicts holding at least ``"image"``
-and ``"target"`` tensors, and yields :class:`~napari_cpgcn.training.events.Event` objects
+and ``"target"`` tensors, and yields :class:`~napari_cpgcn.events.Event` objects
 (EPOCH_START, BATCH, EPOCH_END, CHECKPOINT, STOPPED, DONE). The image trainer, the sub-category
 refinement and the cell classifier all use it; the CLI drains the events into progress bars and
 the GUI wraps the generator in a worker.
@@ -16,12 +16,8 @@ end of the previous epoch (weights, optimizer, AMP scaler, scheduler), and resum
 as deterministic as the kernels are). A stop request inside an epoch leaves ``latest.pt`` at the
 last finished epoch; resuming redoes the interrupted epoch.
 
-Checkpoints
------------
-``run_dir/latest.pt`` after every epoch and ``run_dir/best.pt`` whenever the validation mAP
-improves, written atomically (temporary file + rename). They hold only tensors and plain
-Python values and are read with ``torch.load(weights_only=True)``; a SHA-256 digest over the
-weights and metadata detects modified or truncated files.
+``run_dir/latest.pt`` is written after every epoch and ``run_dir/best.pt`` whenever the validation
+mAP improves, in the format of :mod:`napari_cpgcn.training.checkpoint`.
 """
 
 from __future__ import annotations
@@ -29,12 +25,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import logging
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -45,37 +38,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from napari_cpgcn.events import Event, EventKind, ShouldStop
 from napari_cpgcn.training import ddp
-from napari_cpgcn.training.events import Event, EventKind, ShouldStop
+from napari_cpgcn.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from napari_cpgcn.training.losses import focal_loss
 
 __all__ = [
-    "CheckpointError",
     "FitResult",
-    "fit",
     "resolve_device",
-    "seed_everything",
     "epoch_seed",
-    "save_checkpoint",
-    "load_checkpoint",
-    "load_backbone_weights",
-    "resolve_init_checkpoint",
-    "check_init_checkpoint",
-    "state_digest",
+    "seed_everything",
     "default_logits",
     "evaluate_loader",
-    "CHECKPOINT_FORMAT",
+    "fit",
 ]
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "napari-cpgcn-checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used (corrupt, modified, foreign, or for another model)."""
-
 
 @dataclass
 class FitResult:
@@ -90,8 +68,6 @@ class FitResult:
     stopped: bool = False
     history: list | None = None
 
-
-# ----------------------------------------------------------------------------- devices & seeds
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """``"auto"`` → cuda, else mps, else cpu; explicit names are checked for availability."""
@@ -166,205 +142,6 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         log.warning("could not restore the random state from the checkpoint (%s); it is re-seeded", e)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def state_digest(state: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> str:
-    """SHA-256 over the tensors (names, dtypes, shapes, bytes) and the JSON of ``meta``."""
-    h = hashlib.sha256()
-    for k in sorted(state):
-        t = state[k]
-        if not isinstance(t, torch.Tensor):
-            h.update(f"{k}={t!r};".encode())
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    h.update(json.dumps(meta or {}, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            buf = io.BytesIO()
-            torch.save(obj, buf)
-            fh.write(buf.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_checkpoint(path: str | Path, model_state: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
-                    **extra: Any) -> Path:
-    """Write a checkpoint atomically: ``{format, version, model, meta, digest, **extra}``.
-
-    ``model_state`` is moved to the CPU; ``meta`` must be JSON-like (class list, backbone,
-    normalisation, ...). ``extra`` holds optimizer/scaler states, epoch, config, history, RNG.
-    """
-    path = Path(path)
-    state = {k: v.detach().cpu() for k, v in model_state.items()}
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "model": state,
-        "meta": dict(meta),
-        "digest": state_digest(state, meta),
-        **extra,
-    }
-    _atomic_torch_save(payload, path)
-    return path
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
-                    expected_meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Read a checkpoint safely (``weights_only=True``) and check it.
-
-    Parameters
-    ----------
-    path
-        The ``.pt`` file.
-    map_location
-        Where tensors are loaded.
-    expected_meta
-        Keys that must equal the checkpoint's ``meta`` (e.g. ``classes``, ``backbone``).
-
-    Raises
-    ------
-    FileNotFoundError
-        No such file.
-    CheckpointError
-        Not a napari-cpgcn checkpoint, corrupt or modified (digest mismatch), holding code
-        (refused by the safe loader), or made for another class set / backbone.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError, RuntimeError (bad zip), EOFError, ...
-        text = str(e)
-        if "Unsupported global" in text or "safe_globals" in text:
-            glob = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), "")
-            raise CheckpointError(
-                f"{path} contains Python objects other than tensors and plain values and was refused "
-                f"(loading it could run code). Only napari-cpgcn checkpoints can be used. {glob}".rstrip()
-            ) from e
-        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({type(e).__name__}); "
-                              "use the run's latest.pt/best.pt or retrain") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
-        raise CheckpointError(
-            f"{path} is not a napari-cpgcn checkpoint (no '{CHECKPOINT_FORMAT}' header); plain "
-            "torchvision weights go to --imagenet-weights instead")
-    if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} was written by a newer napari-cpgcn (format "
-                              f"{ckpt.get('format_version')}); upgrade napari-cpgcn")
-    digest = state_digest(ckpt["model"], ckpt.get("meta", {}))
-    if digest != ckpt.get("digest"):
-        raise CheckpointError(
-            f"{path} failed its integrity check: the weights or metadata were modified or the file is "
-            "damaged. Use an unmodified checkpoint (e.g. copy it again) or retrain.")
-    meta = ckpt.get("meta", {})
-    for key, want in (expected_meta or {}).items():
-        have = meta.get(key)
-        if isinstance(want, tuple):
-            want = list(want)
-        if isinstance(have, tuple):
-            have = list(have)
-        if have != want:
-            raise CheckpointError(
-                f"{path} was made for {key} = {_short(have)}, but {_short(want)} is needed here. "
-                f"Use a checkpoint trained with this {key}, or change the setting to match it.")
-    return ckpt
-
-
-#: Where a run folder keeps the checkpoint each model starts from (first found wins): the
-#: refined image model a pipeline run predicts with, then the plain image model, then a
-#: ``train-image`` folder's own files.
-INIT_CANDIDATES = {
-    "image_model": ("refine/best.pt", "refine/latest.pt", "image_model/best.pt", "image_model/latest.pt",
-                    "best.pt", "latest.pt"),
-    "cell_model": ("cell_model/best.pt", "cell_model/latest.pt"),
-}
-
-
-def resolve_init_checkpoint(source: str | Path, stage: str = "image_model") -> Path:
-    """The checkpoint a model of ``stage`` starts from: ``source`` itself (a ``.pt``) or, for a
-    run folder, the first of :data:`INIT_CANDIDATES` that exists.
-
-    Raises
-    ------
-    FileNotFoundError
-        Nothing there, naming what was looked for.
-    """
-    src = Path(source).expanduser()
-    if not src.exists():
-        raise FileNotFoundError(f"{src} does not exist: give a finished run folder or a .pt checkpoint")
-    if src.is_file():
-        return src
-    cands = INIT_CANDIDATES.get(stage, (f"{stage}/best.pt", f"{stage}/latest.pt"))
-    for cand in cands:
-        if (src / cand).is_file():
-            return src / cand
-    raise FileNotFoundError(
-        f"{src} holds no {stage.replace('_', ' ')} to start from (looked for {', '.join(cands)}); "
-        "give a finished run folder or a .pt file")
-
-
-def check_init_checkpoint(source: str | Path, name: str, stage: str = "image_model") -> tuple[Path, dict]:
-    """Resolve and read the checkpoint a ``name`` backbone starts from; refuse another backbone.
-
-    Returns ``(path, checkpoint)``. Cheap enough to call before any training starts.
-    """
-    src = resolve_init_checkpoint(source, stage)
-    ckpt = load_checkpoint(src, "cpu")
-    have = ckpt.get("meta", {}).get("backbone")
-    if have != name:
-        raise CheckpointError(
-            f"{src} holds a {have} backbone but the {stage.replace('_', ' ')} here uses {name}: choose the "
-            f"backbone {have} or start from a checkpoint with a {name} backbone")
-    return src, ckpt
-
-
-def load_backbone_weights(backbone: nn.Module, source: str | Path, name: str, stage: str = "image_model") -> Path:
-    """Start ``backbone`` from the backbone of an earlier napari-cpgcn model (fine-tuning).
-
-    ``source`` is an image- or cell-model checkpoint or a run folder (see
-    :func:`resolve_init_checkpoint`: a pipeline run's refined image model / cell model, or a
-    ``train-image`` folder's ``best.pt``). Only backbone tensors are taken; the input
-    normalisation (``mean``/``std``) stays the new run's. Returns the checkpoint used.
-
-    Raises
-    ------
-    FileNotFoundError, CheckpointError
-        No checkpoint there; not a napari-cpgcn checkpoint; another backbone.
-    """
-    src, ckpt = check_init_checkpoint(source, name, stage)
-    state = {k[len("backbone."):]: v for k, v in ckpt["model"].items()
-             if k.startswith("backbone.") and k not in ("backbone.mean", "backbone.std")}
-    if not state:
-        raise CheckpointError(f"{src} holds no backbone weights")
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in ("mean", "std")]
-    if missing or unexpected:
-        raise CheckpointError(f"{src}: backbone tensors do not fit {name} "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    log.info("backbone initialised from %s", src)
-    return src
-
-
-def _short(v: Any) -> str:
-    s = repr(v)
-    return s if len(s) < 120 else s[:117] + "..."
-
-
-# ----------------------------------------------------------------------------- batches
-
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -416,10 +193,8 @@ def evaluate_loader(model: nn.Module, loader, device: torch.device, *, forward_f
     return {"loss": losses / n, "probs": torch.cat(probs).numpy(), "targets": torch.cat(targets).numpy()}
 
 
-# ----------------------------------------------------------------------------- fit
-
 def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
-    from napari_cpgcn.io.tables import atomic_write_text
+    from napari_cpgcn.io.atomic import atomic_write_text
 
     if not history:
         return

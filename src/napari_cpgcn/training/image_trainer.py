@@ -19,14 +19,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from napari_cpgcn.io.tables import LabelTable, atomic_write_text, read_labels_csv
+from napari_cpgcn.events import Event, EventKind, ShouldStop
+from napari_cpgcn.io.atomic import atomic_write_text, check_writable
+from napari_cpgcn.io.hpa import image_index
+from napari_cpgcn.io.tables import LabelTable, read_labels_csv
+from napari_cpgcn.training.checkpoint import load_backbone_weights
 from napari_cpgcn.training.config import ImageModelConfig
-from napari_cpgcn.training.datasets import HPAImageDataset, ImageIndex, channel_stats, split_ids
-from napari_cpgcn.training.engine import fit, load_backbone_weights, resolve_device, seed_everything
-from napari_cpgcn.training.events import Event, EventKind, ShouldStop
+from napari_cpgcn.training.datasets import HPAImageDataset, channel_stats, check_images, split_ids
+from napari_cpgcn.training.engine import fit, resolve_device, seed_everything
 from napari_cpgcn.training.oaa import OAAStore
 
-__all__ = ["train_image_model", "image_model_meta", "load_split", "init_class_bias"]
+__all__ = ["train_image_model", "image_model_meta", "load_split", "init_class_bias", "SKIPPED_IMAGES",
+           "unusable_images", "write_skipped_images", "read_skipped_images"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,54 @@ def image_model_meta(config: ImageModelConfig) -> dict:
         "mean": [float(v) for v in config.mean] if config.mean is not None else None,
         "std": [float(v) for v in config.std] if config.std is not None else None,
     }
+
+
+#: Written by :func:`train_image_model` in its run folder: the labelled images left out, and why.
+SKIPPED_IMAGES = "skipped_images.csv"
+
+
+def unusable_images(table: LabelTable, index, labels_csv: str | Path | LabelTable) -> dict[str, str]:
+    """Labelled images that cannot be trained on without reading them: ``{image id: reason}``
+    (not in the folder, a channel file missing, no label at all)."""
+    out: dict[str, str] = {}
+    for image_id, row in zip(table.ids, table.labels, strict=True):
+        if image_id in index.incomplete:
+            missing = [c for c in ("red", "green", "blue", "yellow") if c not in index.incomplete[image_id]]
+            out[image_id] = f"missing the {', '.join(missing)} channel file (in {index.folder})"
+        elif image_id not in index:
+            out[image_id] = f"no such image in {index.folder}"
+        elif not row.any():
+            out[image_id] = (f"no label in {labels_csv if not isinstance(labels_csv, LabelTable) else 'the labels'} "
+                             "(an empty Label; write 18 for Negative)")
+    if len(out) == len(table) and all(v.startswith("no such image") for v in out.values()):
+        raise FileNotFoundError(
+            f"none of the {len(table.ids)} images of {labels_csv} is in {index.folder} (e.g. "
+            f"{table.ids[0]}); point DATA_DIR to the folder holding ID_red.png ... files")
+    return out
+
+
+def write_skipped_images(path: str | Path, skipped: dict[str, str]) -> None:
+    """``image_id,reason`` of the images a run left out (header only when none)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image_id", "reason"])
+    for image_id, reason in skipped.items():
+        w.writerow([image_id, reason])
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_skipped_images(path: str | Path) -> dict[str, str]:
+    """The ``{image id: reason}`` of :func:`write_skipped_images` (empty when the file is absent)."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        return {r["image_id"]: r["reason"] for r in csv.DictReader(fh)}
 
 
 def load_split(run_dir: str | Path) -> dict[str, list[str]] | None:
@@ -111,22 +163,40 @@ def train_image_model(
     config = config or ImageModelConfig()
     config.validate()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir)
     table = labels_csv if isinstance(labels_csv, LabelTable) else read_labels_csv(labels_csv)
     if len(table) == 0:
         raise ValueError(f"{labels_csv}: no labelled images")
     if table.labels.shape[1] != len(config.classes):
         raise ValueError(f"labels have {table.labels.shape[1]} classes, the config {len(config.classes)}")
-    index = ImageIndex(data_dir)
-    missing = [i for i in table.ids if i not in index]
-    if missing:
-        if len(missing) == len(table.ids):
-            raise FileNotFoundError(
-                f"none of the {len(table.ids)} images of {labels_csv} is in {index.folder} (e.g. "
-                f"{missing[0]}); point DATA_DIR to the folder holding ID_red.png ... files")
-        log.warning("%d labelled images are missing from %s and are skipped (e.g. %s)",
-                    len(missing), index.folder, ", ".join(missing[:3]))
-        table = table.subset([i for i in table.ids if i in index])
+    index = image_index(data_dir)
+    cache_dir = None
+    if config.cache:
+        cache_dir = Path(config.cache_dir) if config.cache_dir else run_dir / "cache"
+    # Every labelled image is read once before training (the resize cache fills on the way):
+    # images that cannot be used are left out with their reason, never abort the run.
+    skipped = unusable_images(table, index, labels_csv)
+    usable = table.subset([i for i in table.ids if i not in skipped])
+    check = HPAImageDataset(index.folder, usable, config.image_size, cache_dir=cache_dir, index=index)
+    for ev in check_images(check, workers=max(2, config.num_workers), should_stop=should_stop):
+        ev.stage = stage
+        if ev.kind == EventKind.DONE:
+            skipped.update(ev.result)
+            break
+        yield ev
+        if ev.kind == EventKind.STOPPED:
+            return
+    write_skipped_images(run_dir / SKIPPED_IMAGES, skipped)
+    if skipped:
+        eg = next(iter(skipped.items()))
+        msg = (f"{len(skipped)} of {len(table)} labelled images cannot be used and are left out (e.g. {eg[0]}: "
+               f"{eg[1]}); the list with the reasons is in {run_dir / SKIPPED_IMAGES}")
+        log.warning(msg)
+        yield Event(EventKind.LOG, stage=stage, message=msg, path=str(run_dir / SKIPPED_IMAGES))
+    if len(skipped) == len(table):
+        raise ValueError(f"none of the {len(table)} labelled images of {labels_csv} can be used (e.g. "
+                         f"{next(iter(skipped.items()))[1]}); see {run_dir / SKIPPED_IMAGES}")
+    table = table.subset([i for i in table.ids if i not in skipped])
 
     # Stable split by image id; a resumed run keeps its recorded split.
     previous = load_split(run_dir) if resume else None
@@ -137,10 +207,6 @@ def train_image_model(
             log.info("using the train/validation split recorded in %s", run_dir / "split.json")
     atomic_write_text(run_dir / "split.json", json.dumps({"train": train_ids, "val": val_ids}, indent=1) + "\n")
     train_table, val_table = table.subset(train_ids), table.subset(val_ids)
-
-    cache_dir = None
-    if config.cache:
-        cache_dir = Path(config.cache_dir) if config.cache_dir else run_dir / "cache"
     train_ds = HPAImageDataset(index.folder, train_table, config.image_size, augment=config.augment,
                                cache_dir=cache_dir, crop_scale=config.crop_scale, index=index)
     val_ds = HPAImageDataset(index.folder, val_table, config.image_size, augment=False,

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_cpgcn.io.atomic import atomic_save_npy
 from napari_cpgcn.training.datasets import invert_augmentation
 
 __all__ = ["OAAStore", "load_oaa", "oaa_dir"]
@@ -131,14 +130,7 @@ class OAAStore:
         return np.zeros((self.n_classes, self.size, self.size), dtype=np.uint8)
 
     def _write(self, image_id: str, arr: np.ndarray) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".npy.tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, arr)
-            os.replace(tmp, self.path(image_id))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_save_npy(self.path(image_id), arr)
 
     @torch.no_grad()
     def update(self, image_ids: Sequence[str], cams: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor,

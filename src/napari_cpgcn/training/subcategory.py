@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_cpgcn.events import Event, EventKind, ShouldStop
 from napari_cpgcn.training.config import ConfigError, TrainConfig
-from napari_cpgcn.training.events import Event, EventKind, ShouldStop
 
 __all__ = ["RefineConfig", "cluster_subcategories", "train_subcategory", "SubcategoryModel"]
 
@@ -214,10 +214,15 @@ def train_subcategory(
     torch, F, nn = _import_torch()
     from napari_cpgcn.io.tables import read_labels_csv
     from napari_cpgcn.models.cpgcn import normalize_cams
+    from napari_cpgcn.training.checkpoint import (
+        load_checkpoint,
+        load_image_model,
+        resolve_checkpoint,
+        save_checkpoint,
+    )
     from napari_cpgcn.training.datasets import HPAImageDataset, split_ids
-    from napari_cpgcn.training.engine import fit, load_checkpoint, resolve_device, save_checkpoint
+    from napari_cpgcn.training.engine import fit, resolve_device
     from napari_cpgcn.training.image_trainer import image_model_meta, load_split
-    from napari_cpgcn.training.inference import load_image_model, resolve_checkpoint
     from napari_cpgcn.training.losses import focal_loss
     from napari_cpgcn.training.oaa import OAAStore
 

@@ -1,7 +1,8 @@
 """Cell-crop data for the cell classifier: a crop cache on disk and a torch Dataset over it.
 
 The crops of every cell of every training image are cut once (bbox square, background
-optionally zeroed, resized) and stored as uint8 in one ``.npy`` memory map
+optionally zeroed, resized) and stored as uint16 (the 16-bit grid of
+:func:`napari_cpgcn.models.cell.crop_cells`, the same values prediction sees) in one ``.npy`` memory map
 (``(n_cells, 4, S, S)``) beside an index CSV, so that training epochs read small arrays instead
 of decoding 2048² PNGs, and memory does not grow with the data set (the map is paged in on
 demand). The cache is keyed by the crop settings and the cell list; a mismatch rebuilds it.
@@ -18,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from napari_cpgcn.training.events import Event, EventKind, ShouldStop
+from napari_cpgcn.events import Event, EventKind, ShouldStop
+from napari_cpgcn.io.masks import read_mask
+from napari_cpgcn.models.cell import CROP_SCALE
 
 __all__ = ["CropCache", "build_crop_cache", "CropDataset"]
 
@@ -26,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class CropCache:
-    """A finished crop cache: ``crops`` memmap (n, 4, S, S) uint8 and ``index`` (image_id, cell_id)."""
+    """A finished crop cache: ``crops`` memmap (n, 4, S, S) uint16 and ``index`` (image_id, cell_id)."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -41,7 +44,7 @@ class CropCache:
 
 def _cache_key(table: pd.DataFrame, size: int, zero_background: bool, pad: float) -> str:
     h = hashlib.sha1()
-    h.update(f"{size}:{int(zero_background)}:{pad:.4f}".encode())
+    h.update(f"{size}:{int(zero_background)}:{pad:.4f}:uint16".encode())
     cols = ["image_id", "cell_id", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1"]
     h.update(pd.util.hash_pandas_object(table[cols].reset_index(drop=True), index=False).values.tobytes())
     return h.hexdigest()[:16]
@@ -77,7 +80,6 @@ def build_crop_cache(
         ``ITEM`` per image, then ``DONE`` with ``result`` = :class:`CropCache`;
         ``STOPPED`` if ``should_stop`` turned true (the partial cache is discarded).
     """
-    import tifffile
 
     from napari_cpgcn.io.hpa import read_image
     from napari_cpgcn.models.cell import crop_cells
@@ -98,7 +100,7 @@ def build_crop_cache(
         meta_path.unlink(missing_ok=True)
     n = len(table)
     tmp = folder / "crops.npy.partial"
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, 4, size, size))
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(n, 4, size, size))
     groups = list(table.groupby("image_id", sort=False).indices.items())
     for k, (image_id, rows) in enumerate(groups, start=1):
         if should_stop is not None and should_stop():
@@ -107,9 +109,9 @@ def build_crop_cache(
             yield Event(EventKind.STOPPED, stage=stage, message="stopped while cutting cell crops")
             return
         img = read_image(images_dir, image_id=str(image_id))
-        cells = tifffile.imread(Path(masks_dir) / f"{image_id}.tif")
+        cells = read_mask(Path(masks_dir) / f"{image_id}.tif")
         arr[rows] = crop_cells(img.data, cells, table.iloc[rows], size=size,
-                               zero_background=zero_background, pad=pad, dtype=np.uint8)
+                               zero_background=zero_background, pad=pad, dtype=np.uint16)
         yield Event(EventKind.ITEM, stage=stage, batch=k, n_batches=len(groups),
                     message=f"cropped {len(rows)} cells of {image_id}")
     arr.flush()
@@ -127,7 +129,7 @@ class CropDataset:
     Parameters
     ----------
     crops
-        (n, 4, S, S) uint8 array or memmap.
+        (n, 4, S, S) uint16 array or memmap (the crop cache).
     targets
         (n, C) float targets (multi-hot or soft).
     indices
@@ -160,7 +162,7 @@ class CropDataset:
         import torch
 
         j = int(self.indices[i])
-        x = np.asarray(self.crops[j], dtype=np.float32) / 255.0
+        x = np.asarray(self.crops[j], dtype=np.float32) / CROP_SCALE
         if self.augment:
             rng = np.random.default_rng((self.seed, self.epoch, j))
             x = np.rot90(x, k=int(rng.integers(4)), axes=(1, 2))

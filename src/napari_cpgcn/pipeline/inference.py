@@ -10,95 +10,20 @@ per-class maps upsampled to each image's size — the CPM maps (or classic CAMs 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from napari_cpgcn.classes import SHORT_NAMES
-from napari_cpgcn.training.config import ImageModelConfig
 from napari_cpgcn.training.datasets import resize_image
-from napari_cpgcn.training.engine import CheckpointError, load_checkpoint, resolve_device
+from napari_cpgcn.training.engine import resolve_device
 
-__all__ = ["load_image_model", "predict_images", "resolve_checkpoint", "CAM_METHODS"]
+__all__ = ["predict_images", "predict_crops", "CAM_METHODS"]
 
 log = logging.getLogger(__name__)
 
 CAM_METHODS = ("model", "score", "gradcam")
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file from a file or a run folder (``best.pt``, else ``latest.pt``; also
-    ``image_model/`` inside a pipeline run)."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if p.is_dir():
-        for d in (p, p / "image_model"):
-            for name in ("best.pt", "latest.pt"):
-                if (d / name).is_file():
-                    return d / name
-        raise FileNotFoundError(f"{p} holds no best.pt or latest.pt (nor image_model/ with them); "
-                                "train first with napari-cpgcn train-image or give a .pt file")
-    raise FileNotFoundError(f"checkpoint {p} does not exist")
-
-
-def load_image_model(path: str | Path, device: str | torch.device = "auto", *,
-                     classes: Sequence[str] | None = tuple(SHORT_NAMES), backbone: str | None = None):
-    """Load an image model checkpoint.
-
-    Parameters
-    ----------
-    path
-        ``.pt`` file or run folder.
-    device
-        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"`` ...
-    classes
-        Class short names the caller needs (None: accept any).
-    backbone
-        Required backbone (None: accept any).
-
-    Returns
-    -------
-    model, config
-        The model in eval mode on ``device`` (with ``image_size`` and ``class_names``
-        attributes) and its :class:`ImageModelConfig`.
-
-    Raises
-    ------
-    CheckpointError
-        Corrupt, modified or foreign file, or made for other classes / another backbone.
-    """
-    from napari_cpgcn.models import build_image_model
-
-    path = resolve_checkpoint(path)
-    expected = {"model": "cpgcn-image"}
-    if classes is not None:
-        expected["classes"] = list(classes)
-    if backbone is not None:
-        expected["backbone"] = backbone
-    ckpt = load_checkpoint(path, map_location="cpu", expected_meta=expected)
-    try:
-        config = ImageModelConfig.from_dict(ckpt["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: its configuration cannot be read ({e})") from e
-    meta = ckpt["meta"]
-    for key in ("backbone", "variant", "image_size"):
-        if meta.get(key) != getattr(config, key):
-            raise CheckpointError(f"{path}: metadata and configuration disagree on {key}; the file was modified")
-    model = build_image_model(config, weights=None)
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit a {config.variant}/{config.backbone} model "
-                              f"({str(e).splitlines()[0]})") from e
-    dev = resolve_device(device)
-    model.to(dev).eval()
-    model.image_size = config.image_size
-    model.class_names = list(config.classes)
-    return model, config
 
 
 def _as_tensor(img) -> torch.Tensor:
@@ -172,7 +97,7 @@ def predict_images(
     cams : numpy.ndarray or list of numpy.ndarray
         (N, C, Y, X) float32 when all images share a size, else a list of (C, Y, X).
     """
-    from napari_cpgcn.models.cpgcn import normalize_cams
+    from napari_cpgcn.models.cpgcn import normalize_cams, resize_cams
 
     if cam_method not in CAM_METHODS:
         raise ValueError(f"cam_method must be one of {CAM_METHODS}, got {cam_method!r}")
@@ -199,10 +124,24 @@ def predict_images(
         for k, shp in enumerate(shapes):
             c = cams[k:k + 1]
             target = shp if cam_size == "image" else ((cam_size, cam_size) if cam_size else None)
-            if target is not None and tuple(c.shape[-2:]) != tuple(target):
-                c = F.interpolate(c, size=target, mode="bilinear", align_corners=False)
+            if target is not None:
+                c = resize_cams(c, target)
             cams_all.append(c[0].cpu().numpy().astype(np.float32))
     probs = np.concatenate(probs_all) if probs_all else np.zeros((0, getattr(model, "n_classes", 19)), np.float32)
     if cams_all and len({c.shape for c in cams_all}) == 1:
         return probs, np.stack(cams_all)
     return probs, cams_all
+
+
+def predict_crops(model, crops: np.ndarray, device, batch_size: int = 64) -> np.ndarray:
+    """Sigmoid probabilities (n, C) of float crops (n, 4, S, S) in [0, 1]."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(crops), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(crops[i:i + batch_size], dtype=np.float32)).to(device)
+            out.append(torch.sigmoid(model(x).float()).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.n_classes), np.float32)
+
+

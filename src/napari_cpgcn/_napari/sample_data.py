@@ -1,6 +1,6 @@
 """napari sample data: synthetic HPA-like images (a real HPA image cannot be packaged).
 
-Thin adapters over :func:`napari_cpgcn.synth.synth_sample` and :mod:`napari_cpgcn.layers`:
+Thin adapters over :func:`napari_cpgcn.synth.synth_sample` and :mod:`napari_cpgcn._napari.layers`:
 four channel layers (red, green, blue, yellow; additive blending) and the true cells.
 """
 
@@ -20,8 +20,8 @@ TRUTH_LAYER = "cells (truth)"
 def synth_layer_data(seed: int = 0, size: int = 512, heterogeneity: float = 0.5,
                      with_truth: bool = True, labels: list[int] | None = None) -> list[LayerDataTuple]:
     """Layer data tuples of one synthetic image: 4 channel layers (+ the truth cells)."""
+    from napari_cpgcn._napari.layers import cells_layer, channel_layers
     from napari_cpgcn.io.hpa import HPAImage
-    from napari_cpgcn.layers import cells_layer, channel_layers
     from napari_cpgcn.synth import synth_sample
 
     im = synth_sample(seed=seed, size=size, heterogeneity=heterogeneity, labels=labels)

@@ -1,6 +1,6 @@
 """npe2 reader: HPA channel files, a folder holding one image, or a 4-channel TIFF → four image layers.
 
-A thin adapter over :mod:`napari_cpgcn.io` and :mod:`napari_cpgcn.layers`. ``napari_get_reader``
+A thin adapter over :mod:`napari_cpgcn.io` and :mod:`napari_cpgcn._napari.layers`. ``napari_get_reader``
 answers quickly from file names (plus a TIFF header peek) and returns ``None`` for anything
 that is not an HPA image, so napari's other readers get their turn.
 """
@@ -11,8 +11,8 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from napari_cpgcn._napari.layers import LayerDataTuple, channel_layers, lookup_image_labels
 from napari_cpgcn.io.hpa import TIFF_RE, list_image_ids, parse_channel_filename, resolve_images_dir
-from napari_cpgcn.layers import LayerDataTuple, channel_layers, lookup_image_labels
 
 __all__ = ["napari_get_reader", "read_hpa"]
 

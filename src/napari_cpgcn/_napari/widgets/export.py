@@ -9,6 +9,7 @@ class). The folder export runs :func:`napari_cpgcn.batch.predict_folder` (the sa
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 from qtpy.QtCore import Signal
@@ -23,9 +24,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_cpgcn.training.events import Event, EventKind, StopFlag
+from napari_cpgcn.events import Event, EventKind
 
-from ._common import (
+from .common import (
     RUNS,
     PathEdit,
     cells_layer_of,
@@ -45,8 +46,8 @@ __all__ = ["ExportWidget", "export_current_table"]
 
 def export_current_table(viewer, path: str | Path) -> Path:
     """Write the current image's per-cell table (from the ``cells`` layer features) as CSV, atomically."""
-    from napari_cpgcn.io.tables import atomic_write_text
-    from napari_cpgcn.layers import table_from_features
+    from napari_cpgcn._napari.layers import table_from_features
+    from napari_cpgcn.io.atomic import atomic_write_text
 
     chans = channel_layers_of(viewer)
     image_id = next(iter(chans.values())).metadata.get("image_id") if chans else None
@@ -69,7 +70,7 @@ class ExportWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self._worker = None
-        self._stop = StopFlag()
+        self._stop = threading.Event()
         settings = load_settings()
 
         self.csv_edit = PathEdit("save", "where to write the current image's CSV", "CSV (*.csv)")
@@ -150,8 +151,8 @@ class ExportWidget(QWidget):
                 raise ValueError("choose a trained run folder")
             if not out:
                 raise ValueError("choose an output folder")
-            from napari_cpgcn.batch import resolve_model_path
             from napari_cpgcn.io.hpa import list_image_ids
+            from napari_cpgcn.pipeline.predictor import resolve_model_path
 
             resolve_model_path(run)
             if not list_image_ids(folder):
@@ -168,7 +169,7 @@ class ExportWidget(QWidget):
         self.status.setText(f"predicting {folder} …")
         device = load_settings().get("device", "auto")
         self._worker = start_worker(
-            _predict_folder_events, folder, run, out, device, self._stop,
+            _predict_folder_events, folder, run, out, device, self._stop.is_set,
             on_yield=self._on_event,
             on_error=lambda e: self._done(f"folder export failed: {error_text(e)}", e),
             on_finish=self._finished,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
-__all__ = ["EventKind", "Event", "StopFlag", "ShouldStop"]
+__all__ = ["EventKind", "Event", "ShouldStop"]
 
 
 class EventKind(str, Enum):
@@ -49,20 +49,6 @@ class Event:
     result: object = None
 
 
+#: Polled between batches / images; e.g. ``threading.Event().is_set`` set from the GUI thread.
 ShouldStop = Callable[[], bool]
 
-
-class StopFlag:
-    """A thread-safe enough stop request (a bool set from the GUI thread, read by the worker)."""
-
-    def __init__(self) -> None:
-        self._stop = False
-
-    def set(self) -> None:
-        self._stop = True
-
-    def clear(self) -> None:
-        self._stop = False
-
-    def __call__(self) -> bool:
-        return self._stop

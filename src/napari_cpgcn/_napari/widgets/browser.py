@@ -23,10 +23,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_cpgcn._napari.layers import roles
 from napari_cpgcn.classes import CLASSES
-from napari_cpgcn.layers import roles
 
-from ._common import (
+from .common import (
     PathEdit,
     channel_layers_of,
     error_text,
@@ -45,8 +45,8 @@ NEXT_KEY, PREV_KEY = "PageDown", "PageUp"
 
 def load_image_layers(folder: str, image_id: str, labels_csv: str | None = None) -> tuple[str, list]:
     """Worker body: read one image and build its channel layer tuples (no Qt)."""
+    from napari_cpgcn._napari.layers import channel_layers, lookup_image_labels
     from napari_cpgcn.io.hpa import read_image, resolve_images_dir
-    from napari_cpgcn.layers import channel_layers, lookup_image_labels
 
     image = read_image(folder, image_id=image_id)
     labels, csv = lookup_image_labels(image_id, resolve_images_dir(folder), labels_csv=labels_csv or None)
@@ -116,8 +116,8 @@ class BrowserWidget(QWidget):
 
     def set_folder(self, folder: str | Path, labels_csv: str | Path | None = None) -> None:
         """List the images of ``folder`` (errors become notifications; the list stays as it was)."""
+        from napari_cpgcn._napari.layers import find_labels_csvs
         from napari_cpgcn.io.hpa import list_image_ids, resolve_images_dir
-        from napari_cpgcn.layers import find_labels_csvs
 
         try:
             images_dir = resolve_images_dir(folder)

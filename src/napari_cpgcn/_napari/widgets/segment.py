@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import cells_layer_of, error_text, notify_error, start_worker
+from .common import cells_layer_of, error_text, notify_error, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class SegmentWidget(QWidget):
         self.run_btn.setEnabled(True)
 
     def _show(self, labels: np.ndarray, ref_layer: Any) -> None:
-        from napari_cpgcn.layers import CELLS_LAYER, cells_layer
+        from napari_cpgcn._napari.layers import CELLS_LAYER, cells_layer
 
         image_id = ref_layer.metadata.get("image_id")
         data, kwargs, _ = cells_layer(labels, image_id=image_id)

@@ -10,6 +10,7 @@ trainers poll between batches: the latest checkpoint is kept and Resume carries 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,9 +32,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_cpgcn.training.events import Event, EventKind, StopFlag
+from napari_cpgcn.events import Event, EventKind
 
-from ._common import (
+from .common import (
     RUNS,
     PathEdit,
     error_text,
@@ -53,12 +54,17 @@ STAGES = ("image_model", "refine", "segmentation", "pseudolabels", "cell_model")
 STAGE_TITLES = {"image_model": "CP-GCN image model", "refine": "K-means refinement",
                 "segmentation": "segmentation", "pseudolabels": "cell pseudo-labels", "cell_model": "cell model"}
 DEVICES = ("auto", "cpu", "cuda", "mps")
-#: Form values of each preset: backbone, image size, epochs, batch size, K, rounds.
-PRESETS: dict[str, dict[str, Any]] = {
-    "small (CPU, minutes)": dict(backbone="resnet18", image_size=256, epochs=5, batch_size=8, k=5, rounds=1),
-    "tiny (a test)": dict(backbone="resnet18", image_size=64, epochs=1, batch_size=4, k=2, rounds=1),
-    "paper (GPU)": dict(backbone="resnet50", image_size=512, epochs=50, batch_size=8, k=10, rounds=3),
-}
+#: Preset menu: title -> :data:`napari_cpgcn.pipeline.config.PRESETS` name (the settings live there).
+PRESETS: dict[str, str] = {"small (CPU, minutes)": "small", "tiny (a test)": "tiny", "paper (GPU)": "paper"}
+
+
+def preset_form(title: str) -> dict[str, Any]:
+    """The form values of a preset: backbone, image size, epochs, batch size, K, rounds."""
+    from napari_cpgcn.pipeline import PipelineConfig
+
+    c = PipelineConfig.preset(PRESETS.get(title, title))
+    return dict(backbone=c.image.backbone, image_size=c.image.image_size, epochs=c.image.epochs,
+                batch_size=c.image.batch_size, k=c.refine.k, rounds=c.refine.rounds)
 
 
 # --------------------------------------------------------------------------- core helpers (no Qt)
@@ -74,7 +80,7 @@ def build_config(backbone: str, image_size: int, epochs: int, batch_size: int, k
     """
     from napari_cpgcn.pipeline import PipelineConfig
 
-    base = PipelineConfig() if preset.startswith("paper") else PipelineConfig.tiny()
+    base = PipelineConfig.preset(PRESETS.get(preset, preset))
     base.image = base.image.replace(backbone=backbone, image_size=image_size, epochs=epochs,
                                     batch_size=batch_size)
     base.refine = base.refine.replace(k=k, rounds=rounds, epochs=epochs, batch_size=batch_size)
@@ -228,7 +234,7 @@ class TrainWidget(QWidget):
 
         self.viewer = napari_viewer
         self._worker = None
-        self._stop = StopFlag()
+        self._stop = threading.Event()
         self._stage: str | None = None
         self._t0 = 0.0
         settings = load_settings()
@@ -319,7 +325,7 @@ class TrainWidget(QWidget):
         return s
 
     def apply_preset(self, name: str) -> None:
-        p = PRESETS[name]
+        p = preset_form(name)
         self.backbone.setCurrentText(p["backbone"])
         self.image_size.setValue(p["image_size"])
         self.epochs.setValue(p["epochs"])
@@ -330,7 +336,7 @@ class TrainWidget(QWidget):
     def _guess_csv(self) -> None:
         if self.csv_edit.text() or not self.data_edit.text():
             return
-        from napari_cpgcn.layers import find_labels_csvs
+        from napari_cpgcn._napari.layers import find_labels_csvs
 
         try:
             from napari_cpgcn.io.hpa import resolve_images_dir
@@ -382,7 +388,7 @@ class TrainWidget(QWidget):
         self._log(f"{'resuming' if resume else 'training'} {out}: {summary}")
         self.status.setText("training …")
         self._worker = start_worker(
-            _train_events, data, csv, out, config, self._stop,
+            _train_events, data, csv, out, config, self._stop.is_set,
             on_yield=self.on_event,
             on_error=self._failed,
             on_finish=self._finished,

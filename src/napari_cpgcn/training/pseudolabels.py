@@ -32,19 +32,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from napari_cpgcn.celltable import GEOMETRY_COLUMNS, cell_geometry
 from napari_cpgcn.classes import N_CLASSES, NEGATIVE, SHORT_NAMES
+from napari_cpgcn.io.celltable import GEOMETRY_COLUMNS, cell_geometry
+from napari_cpgcn.training.config import RULES, PseudoLabelConfig  # noqa: F401 (part of this module's API)
 
 __all__ = [
     "PseudoLabelConfig",
-    "normalise_cam",
-    "resize_map",
     "cell_mean_activation",
     "combine_scores",
     "image_pseudo_labels",
@@ -62,60 +60,19 @@ log = logging.getLogger(__name__)
 SOFT_COLUMNS: tuple[str, ...] = tuple(f"soft_{s}" for s in SHORT_NAMES)
 #: Mean normalised activation per class (NaN for classes not positive in the image).
 ACT_COLUMNS: tuple[str, ...] = tuple(f"act_{s}" for s in SHORT_NAMES)
-RULES = ("mixture", "product", "cam")
+def _cell_map(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray | None:
+    """A class map at image size, or None when it carries no location (flat or all zero).
 
-
-@dataclass
-class PseudoLabelConfig:
-    """How CAMs become cell labels.
-
-    Attributes
-    ----------
-    threshold : float
-        A cell gets a class when its combined score is at least this.
-    rule : str
-        ``"mixture"`` (default: ``p·r + (1 − p)``), ``"product"`` (``p·r``) or ``"cam"``
-        (``r`` alone, the image probability ignored).
-    relative : bool
-        Divide by the most activated cell of the image (step 3); False keeps ``a_ic``.
+    Maps come normalised once, by the model's own :func:`~napari_cpgcn.models.cpgcn.normalize_cams`
+    (``predict_images`` and the OAA store both hold maps in [0, 1] scaled by their maximum), and
+    are resized by the one CAM resizer, :func:`~napari_cpgcn.models.cpgcn.resize_cams`.
     """
+    from napari_cpgcn.models.cpgcn import resize_cams
 
-    threshold: float = 0.5
-    rule: str = "mixture"
-    relative: bool = True
-
-    def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"unknown pseudo-label rule {self.rule!r}; use one of {RULES}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"pseudo-label threshold must be in [0, 1], got {self.threshold}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def normalise_cam(cam: np.ndarray) -> np.ndarray:
-    """Min–max normalise one (h, w) map to [0, 1]; a flat map becomes all ones (no location information)."""
-    cam = np.asarray(cam, dtype=np.float32)
-    finite = np.isfinite(cam)
-    if not finite.any():
-        return np.ones_like(cam)
-    lo, hi = float(cam[finite].min()), float(cam[finite].max())
-    if hi - lo <= 1e-12:
-        return np.ones_like(cam)
-    out = (cam - lo) / (hi - lo)
-    out[~finite] = 0.0
-    return out
-
-
-def resize_map(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a (h, w) map to ``shape`` (pixel-centre aligned, as torch's ``align_corners=False``)."""
-    m = np.asarray(m, dtype=np.float32)
-    if m.shape == tuple(shape):
-        return m
-    from skimage.transform import resize
-
-    return resize(m, shape, order=1, mode="edge", anti_aliasing=False, preserve_range=True).astype(np.float32)
+    m = np.nan_to_num(np.asarray(m, dtype=np.float32), nan=0.0)
+    if float(m.max(initial=0.0)) - float(m.min(initial=0.0)) <= 1e-12:
+        return None
+    return resize_cams(m, shape)
 
 
 def cell_mean_activation(m: np.ndarray, cells: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -164,9 +121,10 @@ def image_pseudo_labels(
     image_probs
         (19,) image model probabilities for this image.
     cams
-        (19, h, w) maps, or ``{class: (h, w) map}`` (OAA maps for some classes); any
-        resolution, resized to the image here. ``None`` or a missing class = no location
-        information for that class (a flat map).
+        (19, h, w) maps in [0, 1] (normalised by their maximum, as ``predict_images`` and the OAA
+        store give them), or ``{class: (h, w) map}`` (OAA maps for some classes); any
+        resolution, resized to the image here. ``None``, a missing class or a flat map = no
+        location information for that class.
     config
         Threshold and rule.
 
@@ -193,10 +151,8 @@ def image_pseudo_labels(
                 m = cams.get(int(k))
             elif cams is not None:
                 m = np.asarray(cams)[k]
-            if m is None:
-                a = np.ones(n)
-            else:
-                a = cell_mean_activation(resize_map(normalise_cam(m), cells.shape), cells, ids)
+            full = None if m is None else _cell_map(m, cells.shape)
+            a = np.ones(n) if full is None else cell_mean_activation(full, cells, ids)
             act[:, k] = a
             soft[:, k] = combine_scores(a, probs[k], config)
         soft[:, NEGATIVE] = 1.0 - soft.max(1) if positive else 1.0
@@ -227,7 +183,7 @@ def soft_score_matrix(table: pd.DataFrame) -> np.ndarray:
 
 def write_pseudolabels(path: str | Path, table: pd.DataFrame) -> None:
     """Write the pseudo-label table as CSV atomically."""
-    from napari_cpgcn.io.tables import atomic_write_text
+    from napari_cpgcn.io.atomic import atomic_write_text
 
     atomic_write_text(path, table.to_csv(index=False, float_format="%.6g"))
 

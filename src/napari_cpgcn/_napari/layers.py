@@ -67,8 +67,8 @@ TABLE_BASE_COLUMNS: tuple[str, ...] = (
 
 
 def table_columns() -> list[str]:
-    """All per-cell prediction table columns in their canonical order (:mod:`napari_cpgcn.celltable`)."""
-    from napari_cpgcn.celltable import prediction_columns
+    """All per-cell prediction table columns in their canonical order (:mod:`napari_cpgcn.io.celltable`)."""
+    from napari_cpgcn.io.celltable import prediction_columns
 
     return prediction_columns()
 

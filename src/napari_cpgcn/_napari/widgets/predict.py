@@ -33,10 +33,16 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_cpgcn._napari.layers import (
+    LayerDataTuple,
+    cam_layers,
+    cells_layer,
+    roles,
+    top_class_color_dict,
+)
 from napari_cpgcn.classes import CLASSES
-from napari_cpgcn.layers import LayerDataTuple, cam_layers, cells_layer, roles, top_class_color_dict
 
-from ._common import (
+from .common import (
     RUNS,
     cells_layer_of,
     current_image,
@@ -49,15 +55,16 @@ from ._common import (
     start_worker,
     update_settings,
 )
-from ._table import CellTableWidget
+from .table import CellTableWidget
 
 log = logging.getLogger(__name__)
 
 __all__ = ["PredictWidget", "PredictResult", "run_prediction"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-#: (label, predictor ``segmentation`` argument); None = the viewer's ``cells`` layer.
-SEGMENTATIONS = (("'cells' layer if present, else classical", None),
+#: (label, predictor ``segmentation`` argument); None = the viewer's ``cells`` layer, else the
+#: method the run was trained with (a cellpose-trained run is not predicted on classical cells).
+SEGMENTATIONS = (("'cells' layer if present, else as the run was trained", None),
                  ("classical (no weights)", "classical"),
                  ("cellpose", "cellpose"))
 
@@ -78,7 +85,7 @@ def run_prediction(
     device: str,
     image,
     cells: np.ndarray | None,
-    segmentation: str,
+    segmentation: str | None,
     cam_threshold: float = 0.3,
     n_visible: int = 3,
 ) -> Generator[str, None, PredictResult]:
@@ -87,18 +94,14 @@ def run_prediction(
     A generator: yields a status line before each stage (model load, segmentation, image
     model, cell model, table, layers) and returns the :class:`PredictResult`. Stopping the
     iteration between two lines stops the prediction there. A predictor without
-    ``iter_predict`` (anything with the ``predict`` contract) runs as one stage.
+    ``iter_predict`` (anything with the :class:`~napari_cpgcn.pipeline.Predictor` contract)
+    runs as one stage. ``segmentation=None`` segments as the run was trained.
     """
-    from napari_cpgcn import batch
+    from napari_cpgcn.pipeline import predictor as prediction
 
     yield "loading the model"
-    predictor = batch.load_predictor(model, device)
-    steps = getattr(predictor, "iter_predict", None)
-    if steps is None:
-        yield "predicting"
-        pred = predictor.predict(image, cells=cells, segmentation=segmentation, with_cams=True)
-    else:
-        pred = yield from steps(image, cells=cells, segmentation=segmentation, with_cams=True)
+    predictor = prediction.load_predictor(model, device)
+    pred = yield from prediction.iter_predict(predictor, image, cells, segmentation, with_cams=True)
     yield "building layers"
     cams = [] if pred.cams is None else cam_layers(
         pred.cams, pred.image_probs, image_id=image.image_id, threshold=cam_threshold, n_visible=n_visible)
@@ -220,7 +223,7 @@ class PredictWidget(QWidget):
                 raise ValueError("no HPA image in the viewer: open one (File > Open, or the HPA browser) first")
             if not run:
                 raise ValueError("choose a trained run folder first (Train widget or `napari-cpgcn train`)")
-            from napari_cpgcn.batch import resolve_model_path
+            from napari_cpgcn.pipeline.predictor import resolve_model_path
 
             run = str(resolve_model_path(run))
         except Exception as e:
@@ -232,7 +235,6 @@ class PredictWidget(QWidget):
             layer = cells_layer_of(self.viewer, image.image_id)
             if layer is not None and tuple(layer.data.shape) == image.shape:
                 cells = np.asarray(layer.data)
-            seg = "classical"
         device = self.device_combo.currentText()
         prepare_torch()
         update_settings(last_run=run, device=device)

@@ -1,7 +1,6 @@
-"""Folder prediction: streaming, resumable, atomic, fault tolerant.
+"""What a folder prediction writes, and how: per-image parts, markers, run-level assembly.
 
-:func:`predict_folder` runs a trained pipeline (:class:`napari_cpgcn.pipeline.Predictor`) over
-every image of a folder and writes, under ``OUT_DIR``::
+Under ``OUT_DIR``::
 
     masks/{ID}.tif              cell instance mask (uint32, 0 = background, ids = cell_id)
     cams/{ID}.tif               optional: (19, Y, X) uint8 CAMs (probability x 255)
@@ -16,91 +15,78 @@ every image of a folder and writes, under ``OUT_DIR``::
     failures.csv                image_id, stage, error of every image that failed
     run.json                    the settings and the summary of the last run
 
-Design
-------
-* **Per-image work is a pure function** of (input folder, image id, model, output folder,
-  :class:`BatchOptions`): :func:`process_image` reads, predicts and writes one image's outputs,
-  each file atomically (temporary file in the same folder, then ``os.replace``), the done
-  marker last. It returns a small picklable :class:`ImageRecord`, so a Dask worker can run it
-  (the predictor is loaded once per process by :func:`load_predictor`).
-* **Streaming**: the in-process engine splits that work into read (a thread pool reading
-  ahead), predict (the calling thread) and write (a writer thread), so reading and writing
-  overlap with compute; at most ``2 * batch_size`` images are read ahead and ``batch_size``
-  wait for their writes, whatever the number of images.
-* **Run-level CSVs are assembled** from the per-image parts by :func:`assemble_outputs`, which
-  streams them into a temporary file and renames it: a crash never leaves a truncated
-  ``cells.csv``; rerunning skips finished images (their done marker) and re-assembles.
-* **Faults**: an image that cannot be read or predicted is logged, gets a ``failed`` marker and
-  a row in ``failures.csv``, and the run goes on.
-
-No Qt; torch is imported only when a predictor is loaded.
+Every file is written atomically (temporary file in the same folder, then ``os.replace``), the
+done marker last; the run-level CSVs are streamed from the parts into a temporary file and
+renamed, so a crash never leaves a truncated ``cells.csv``. Shared by the in-process engine
+(:mod:`napari_cpgcn.batch.local`) and the Dask one (:mod:`napari_cpgcn.batch.dask`).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
-import os
-import tempfile
-import threading
 import time
 import traceback
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from napari_cpgcn.celltable import PREDICTION_COLUMNS
 from napari_cpgcn.classes import CLASS_NAMES, N_CLASSES, SHORT_NAMES
-from napari_cpgcn.io.hpa import HPAImage, list_image_ids, read_image, resolve_images_dir
-from napari_cpgcn.io.tables import atomic_write_text
-from napari_cpgcn.training.events import Event, EventKind, ShouldStop
+from napari_cpgcn.events import Event, EventKind
+from napari_cpgcn.io.atomic import atomic_write, atomic_write_text
+from napari_cpgcn.io.celltable import PREDICTION_COLUMNS
+from napari_cpgcn.io.masks import read_mask, write_mask
 
 __all__ = [
-    "BatchOptions",
-    "ImageRecord",
-    "BatchSummary",
-    "BatchConfigError",
     "CELL_COLUMNS",
     "IMAGE_COLUMNS",
     "FAILURE_COLUMNS",
+    "SUBMISSION_COLUMNS",
     "STAGES",
-    "predict_folder",
-    "run_predict_folder",
-    "process_image",
-    "read_input",
-    "predict_image",
+    "BatchConfigError",
+    "BatchOptions",
+    "ImageRecord",
+    "BatchSummary",
+    "image_paths",
+    "is_done",
+    "top_classes",
     "write_image_outputs",
     "assemble_outputs",
-    "load_predictor",
-    "resolve_model_path",
-    "model_fingerprint",
-    "is_done",
-    "image_paths",
-    "top_classes",
+    "start_run",
+    "record_item",
+    "finish_run",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Per-cell CSV columns (the package-wide per-cell table, plus ``top_classes``).
 CELL_COLUMNS: tuple[str, ...] = (*PREDICTION_COLUMNS, "top_classes")
+
+
 #: Image-level CSV columns.
 IMAGE_COLUMNS: tuple[str, ...] = (
     "image_id", "height", "width", "n_cells", "top_classes", *(f"image_{s}" for s in SHORT_NAMES),
 )
+
+
 FAILURE_COLUMNS: tuple[str, ...] = ("image_id", "stage", "error")
+
+
 SUBMISSION_COLUMNS: tuple[str, ...] = ("ID", "ImageWidth", "ImageHeight", "PredictionString")
+
+
 #: Stages timed per image (``predict`` holds segmentation + image model + cell model, which the
 #: predictor may report separately as ``segment``, ``image_model``, ``cell_model``).
 STAGES: tuple[str, ...] = ("read", "predict", "write")
 
+
 _FLOAT_FORMAT = "%.6g"
+
+
 _RUN_JSON = "run.json"
 
 
@@ -149,6 +135,11 @@ class BatchOptions:
     torch_threads: int = 0
 
     def __post_init__(self) -> None:
+        from napari_cpgcn.segmentation import METHODS
+
+        if self.segmentation is not None and self.segmentation not in METHODS:
+            raise ValueError(f"unknown segmentation method {self.segmentation!r}; choose one of "
+                             f"{', '.join(METHODS)} (or leave it unset: as the run was trained)")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.workers < 1:
@@ -239,10 +230,6 @@ class BatchSummary:
         return d
 
 
-# --------------------------------------------------------------------------------------------
-# Paths, markers, atomic writes
-# --------------------------------------------------------------------------------------------
-
 def image_paths(out_dir: str | Path, image_id: str) -> dict[str, Path]:
     """Where one image's outputs go."""
     out = Path(out_dir)
@@ -256,24 +243,6 @@ def image_paths(out_dir: str | Path, image_id: str) -> dict[str, Path]:
         "done": parts / f"{image_id}.done.json",
         "failed": parts / f"{image_id}.failed.json",
     }
-
-
-def _tmp_path(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
-def _atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
-    tmp = _tmp_path(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _read_record(path: Path) -> ImageRecord | None:
@@ -293,114 +262,6 @@ def is_done(out_dir: str | Path, image_id: str, options: BatchOptions | None = N
         if rec is None or not rec.cams or not p["cams"].is_file():
             return False
     return True
-
-
-# --------------------------------------------------------------------------------------------
-# Model loading (one predictor per process)
-# --------------------------------------------------------------------------------------------
-
-def resolve_model_path(model: str | Path) -> Path:
-    """The run folder of ``model``: a run folder, or a checkpoint / file inside one.
-
-    Raises
-    ------
-    FileNotFoundError
-        When the path does not exist or is not inside a trained run (no ``config.json``).
-    """
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"model {path} does not exist; give a trained run folder (made by `napari-cpgcn train` "
-            "or `napari-cpgcn demo`) or a checkpoint inside one"
-        )
-    candidates = [path] if path.is_dir() else []
-    candidates += list(path.parents)[:3]
-    for c in candidates:
-        if (c / "config.json").is_file():
-            return c.resolve()
-    raise FileNotFoundError(
-        f"{path} is not a trained run: no config.json in it or its parent folders. Give the run "
-        "folder written by `napari-cpgcn train OUT` (it holds config.json, image_model/, cell_model/)."
-    )
-
-
-def model_fingerprint(model: str | Path | Any) -> str:
-    """A short hash identifying a model: its run folder and the size / mtime of its checkpoints.
-
-    Used to refuse resuming into an output folder made with another model, and as the key of
-    the per-process predictor cache.
-    """
-    if not isinstance(model, (str, Path)):
-        run_dir = getattr(model, "run_dir", None)
-        if run_dir is None:
-            return f"object:{type(model).__module__}.{type(model).__qualname__}"
-        model = run_dir
-    run = resolve_model_path(model)
-    h = hashlib.sha1(str(run).encode())
-    # Weights (size + mtime) and the run's config (content: resuming a training rewrites it
-    # unchanged) only: files a predictor might write (caches, logs) must not change the
-    # fingerprint, or resuming would be refused.
-    for f in sorted(run.rglob("*")):
-        if f.suffix in (".pt", ".pth", ".safetensors") and f.is_file():
-            st = f.stat()
-            h.update(f"{f.relative_to(run)}:{st.st_size}:{st.st_mtime_ns}".encode())
-        elif f.name == "config.json" and f.is_file():
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _apply_threads(options: BatchOptions) -> None:
-    if options.torch_threads > 0:
-        import torch
-
-        if torch.get_num_threads() != options.torch_threads:
-            torch.set_num_threads(options.torch_threads)
-
-
-_PREDICTOR_LOCK = threading.Lock()
-_PREDICTOR_CACHE: dict[tuple[str, str, str], Any] = {}
-
-
-def load_predictor(model: str | Path | Any, device: str = "auto") -> Any:
-    """The predictor of ``model``, loaded once per process and cached.
-
-    ``model`` may be a run folder, a checkpoint inside one, or an already loaded predictor
-    (anything with a ``predict`` method), which is returned as is. The cache keeps one
-    predictor (keyed by run folder, checkpoint fingerprint and device), so a Dask worker or a
-    GUI session that predicts many folders loads the weights once.
-    """
-    if not isinstance(model, (str, Path)):
-        if not hasattr(model, "predict"):
-            raise TypeError(f"model must be a run folder or a predictor, got {type(model).__name__}")
-        return model
-    run = resolve_model_path(model)
-    key = (str(run), model_fingerprint(run), str(device))
-    with _PREDICTOR_LOCK:
-        if key not in _PREDICTOR_CACHE:
-            from napari_cpgcn.pipeline import Predictor
-
-            _PREDICTOR_CACHE.clear()
-            log.info("loading model %s on device %s", run, device)
-            _PREDICTOR_CACHE[key] = Predictor.from_run(run, device=device)
-        return _PREDICTOR_CACHE[key]
-
-
-# --------------------------------------------------------------------------------------------
-# The three per-image steps
-# --------------------------------------------------------------------------------------------
-
-def read_input(input_dir: str | Path, image_id: str) -> HPAImage:
-    """Read one image of the input folder (any format :func:`napari_cpgcn.io.read_image` reads)."""
-    return read_image(input_dir, image_id=image_id)
-
-
-def predict_image(predictor: Any, image: HPAImage, options: BatchOptions) -> Any:
-    """Run the predictor on one image: segmentation, image model, cell model, fusion.
-
-    Returns the predictor's ``CellPrediction`` (``image_id``, ``image_probs`` (19,), ``cams``
-    (19, Y, X) or None, ``cells`` (Y, X) uint32, ``table``).
-    """
-    return predictor.predict(image, segmentation=options.segmentation, with_cams=options.save_cams)
 
 
 def top_classes(probs: np.ndarray, threshold: float) -> str:
@@ -455,14 +316,7 @@ def _submission_line(image_id: str, cells: np.ndarray, cell_table) -> str:
 
 
 def _write_csv(path: Path, df) -> None:
-    _atomic(path, lambda tmp: df.to_csv(tmp, index=False, float_format=_FLOAT_FORMAT, lineterminator="\n"))
-
-
-def _write_mask(path: Path, cells: np.ndarray) -> None:
-    import tifffile
-
-    data = np.ascontiguousarray(cells, dtype=np.uint32)
-    _atomic(path, lambda tmp: tifffile.imwrite(tmp, data, compression="zlib", metadata=None))
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format=_FLOAT_FORMAT, lineterminator="\n"))
 
 
 def _write_cams(path: Path, cams: np.ndarray) -> None:
@@ -470,12 +324,8 @@ def _write_cams(path: Path, cams: np.ndarray) -> None:
 
     q = np.clip(np.rint(np.asarray(cams, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
     desc = json.dumps({"axes": "CYX", "classes": list(CLASS_NAMES), "scale": 1 / 255})
-    _atomic(path, lambda tmp: tifffile.imwrite(tmp, q, compression="zlib", description=desc,
+    atomic_write(path, lambda tmp: tifffile.imwrite(tmp, q, compression="zlib", description=desc,
                                                metadata=None))
-
-
-def _write_text(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
 
 
 def write_image_outputs(out_dir: str | Path, prediction: Any, options: BatchOptions,
@@ -499,7 +349,7 @@ def write_image_outputs(out_dir: str | Path, prediction: Any, options: BatchOpti
     cells = np.asarray(prediction.cells)
     height, width = cells.shape
     cell_df = _cell_part(image_id, prediction.table, options.top_threshold)
-    _write_mask(p["mask"], cells)
+    write_mask(p["mask"], cells)
     wrote_cams = False
     if options.save_cams:
         if prediction.cams is None:
@@ -507,7 +357,7 @@ def write_image_outputs(out_dir: str | Path, prediction: Any, options: BatchOpti
         _write_cams(p["cams"], prediction.cams)
         wrote_cams = True
     if options.submission:
-        _write_text(p["submission"], _submission_line(image_id, cells, cell_df))
+        atomic_write_text(p["submission"], _submission_line(image_id, cells, cell_df))
     _write_csv(p["cells"], cell_df)
     _write_csv(p["image"], _image_part(image_id, np.asarray(prediction.image_probs), height, width,
                                        len(cell_df), options.top_threshold))
@@ -519,7 +369,7 @@ def write_image_outputs(out_dir: str | Path, prediction: Any, options: BatchOpti
     secs["write"] = time.perf_counter() - t0
     rec = ImageRecord(image_id, "done", int(height), int(width), int(len(cell_df)), secs,
                       cams=wrote_cams, submission=options.submission)
-    _write_text(p["done"], rec.to_json())  # last: the image is finished
+    atomic_write_text(p["done"], rec.to_json())  # last: the image is finished
     p["failed"].unlink(missing_ok=True)
     return rec
 
@@ -537,51 +387,11 @@ def _record_failure(out_dir: str | Path, image_id: str, stage: str, exc: BaseExc
               f"in the {stage} step", rec.error)
     log.debug("traceback of %s:\n%s", image_id, "".join(traceback.format_exception(exc)))
     try:
-        _write_text(image_paths(out_dir, image_id)["failed"], rec.to_json())
+        atomic_write_text(image_paths(out_dir, image_id)["failed"], rec.to_json())
     except OSError as e:  # the failure itself is already logged and returned
         log.error("cannot write the failure marker of %s: %s", image_id, e)
     return rec
 
-
-def process_image(input_dir: str | Path, image_id: str, model: str | Path | Any,
-                  out_dir: str | Path, options: BatchOptions = BatchOptions()) -> ImageRecord:
-    """Read, predict and write one image: the unit of work of a batch (and of a Dask task).
-
-    A pure function of its arguments: the predictor comes from the per-process cache
-    (:func:`load_predictor`), every output is written atomically, the done marker last. An
-    image finished by an earlier run is skipped (unless ``options.overwrite``). Errors of the
-    image (unreadable file, failing prediction or write) are recorded and returned as a
-    ``failed`` record, never raised; interrupts (KeyboardInterrupt, SystemExit) propagate.
-    """
-    if not options.overwrite and is_done(out_dir, image_id, options):
-        rec = _read_record(image_paths(out_dir, image_id)["done"]) or ImageRecord(image_id)
-        rec.status = "skipped"
-        return rec
-    _apply_threads(options)
-    predictor = load_predictor(model, options.device)
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    try:
-        image = read_input(input_dir, image_id)
-    except Exception as e:
-        return _record_failure(out_dir, image_id, "read", e)
-    seconds["read"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    try:
-        prediction = predict_image(predictor, image, options)
-    except Exception as e:
-        return _record_failure(out_dir, image_id, "predict", e, seconds)
-    seconds["predict"] = time.perf_counter() - t0
-    del image
-    try:
-        return write_image_outputs(out_dir, prediction, options, seconds)
-    except Exception as e:
-        return _record_failure(out_dir, image_id, "write", e, seconds)
-
-
-# --------------------------------------------------------------------------------------------
-# Assembly of the run-level files
-# --------------------------------------------------------------------------------------------
 
 def _concat_parts(parts: Iterable[Path], dest: Path, header: str) -> int:
     """Stream CSV parts (each with ``header``) into ``dest`` atomically; returns the data rows."""
@@ -604,7 +414,7 @@ def _concat_parts(parts: Iterable[Path], dest: Path, header: str) -> int:
                         out.write(line)
                         n += 1
 
-    _atomic(dest, write)
+    atomic_write(dest, write)
     return n
 
 
@@ -663,11 +473,10 @@ def _assemble_submission(out: Path, done: list[str], dest: Path) -> None:
             p = image_paths(out, i)
             if not p["submission"].is_file():  # finished before --submission was asked for
                 import pandas as pd
-                import tifffile
 
-                cells = tifffile.imread(p["mask"])
+                cells = read_mask(p["mask"])
                 table = pd.read_csv(p["cells"])
-                _write_text(p["submission"], _submission_line(i, cells, table))
+                atomic_write_text(p["submission"], _submission_line(i, cells, table))
             yield p["submission"].read_text(encoding="utf-8")
 
     def write(tmp: Path) -> None:
@@ -676,7 +485,7 @@ def _assemble_submission(out: Path, done: list[str], dest: Path) -> None:
             for line in lines():
                 fh.write(line)
 
-    _atomic(dest, write)
+    atomic_write(dest, write)
 
 
 def _write_failures(path: Path, records: Iterable[ImageRecord]) -> None:
@@ -690,19 +499,6 @@ def _write_failures(path: Path, records: Iterable[ImageRecord]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-# --------------------------------------------------------------------------------------------
-# The streaming engine
-# --------------------------------------------------------------------------------------------
-
-def _remove_stale_temp_files(out: Path) -> None:
-    """Delete temporary files a killed run (SIGKILL, power loss) left behind; they are never
-    complete outputs (only ``os.replace`` makes a file visible under its real name)."""
-    for folder in (out, out / "parts", out / "masks", out / "cams"):
-        if folder.is_dir():
-            for tmp in folder.glob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
-
-
 def _check_run_settings(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Refuse to resume into a folder made with another model or segmentation."""
     f = out / _RUN_JSON
@@ -712,6 +508,9 @@ def _check_run_settings(out: Path, settings: dict[str, Any], overwrite: bool) ->
         old = json.loads(f.read_text(encoding="utf-8")).get("settings", {})
     except (OSError, ValueError):
         return
+    # Nothing finished there (e.g. every image failed on a mistyped setting): nothing to mix.
+    if not any((out / "parts").glob("*.done.json")):
+        return
     for key in ("model_fingerprint", "segmentation"):
         if key in old and old[key] != settings[key]:
             raise BatchConfigError(
@@ -719,137 +518,6 @@ def _check_run_settings(out: Path, settings: dict[str, Any], overwrite: bool) ->
                 f"({old.get('model', '?')}, segmentation {old.get('segmentation', '?')}); resuming would "
                 "mix them. Use a new --out folder, or --overwrite to redo every image."
             )
-
-
-def predict_folder(input_dir: str | Path, model: str | Path | Any, out_dir: str | Path,
-                   options: BatchOptions = BatchOptions(), should_stop: ShouldStop | None = None,
-                   image_ids: Iterable[str] | None = None) -> Iterator[Event]:
-    """Predict every image of a folder, streaming; yields progress :class:`Event` s.
-
-    Parameters
-    ----------
-    input_dir
-        Folder of HPA images (or a data set root with ``images/``).
-    model
-        A trained run folder, a checkpoint inside one, or a loaded predictor.
-    out_dir
-        Output folder (created); rerunning into it resumes.
-    options
-        :class:`BatchOptions`.
-    should_stop
-        Polled between images; when it returns True the images in flight are finished, a
-        ``STOPPED`` event is yielded and the run-level CSVs are left as they were.
-    image_ids
-        Predict only these ids (default: every image of the folder).
-
-    Yields
-    ------
-    Event
-        ``STAGE_START`` (``metrics``: n_images, n_skipped, n_todo), one ``ITEM`` per image
-        finished or failed (``result`` = :class:`ImageRecord`, ``batch`` = images handled so far
-        including skipped ones, ``n_batches`` = all images), ``STAGE_END`` after assembly, then
-        ``DONE`` with ``result`` = :class:`BatchSummary` (or ``STOPPED``).
-    """
-    t_start = time.perf_counter()
-    input_dir = resolve_images_dir(input_dir)
-    out = Path(out_dir)
-    ids = sorted(image_ids) if image_ids is not None else list_image_ids(input_dir)
-    if not ids:
-        raise FileNotFoundError(
-            f"{input_dir} holds no HPA images: expected files named ID_red.png, ID_green.png, "
-            "ID_blue.png, ID_yellow.png (or .jpg/.tif), or multi-channel TIFFs."
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_files(out)
-    fingerprint = model_fingerprint(model)
-    settings = {
-        "input_dir": str(input_dir),
-        "model": str(getattr(model, "run_dir", model)),
-        "model_fingerprint": fingerprint,
-        **asdict(options),
-    }
-    todo, summary, start = start_run(out, ids, options, settings)
-    n_skipped = summary.n_skipped
-    yield start
-
-    if todo:
-        _apply_threads(options)
-    predictor = load_predictor(model, options.device) if todo else None
-    stage_sums: dict[str, float] = {}
-    failures: list[ImageRecord] = []
-    handled = n_skipped
-    stopped = False
-    reader = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="cpgcn-read")
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpgcn-write")
-    reads: deque[tuple[str, float, Future]] = deque()
-    writes: deque[tuple[str, Future]] = deque()
-    pending = iter(todo)
-    read_ahead = 2 * options.batch_size
-
-    def timed_read(image_id: str) -> tuple[HPAImage, float]:
-        t0 = time.perf_counter()
-        img = read_input(input_dir, image_id)
-        return img, time.perf_counter() - t0
-
-    def top_up_reads() -> None:
-        while len(reads) < read_ahead:
-            nxt = next(pending, None)
-            if nxt is None:
-                return
-            reads.append((nxt, time.perf_counter(), reader.submit(timed_read, nxt)))
-
-    def finish(rec: ImageRecord) -> Event:
-        nonlocal handled
-        handled += 1
-        if rec.status == "failed":
-            failures.append(rec)
-        return record_item(summary, stage_sums, rec, handled, len(ids))
-
-    def drain_writes(keep: int) -> Iterator[Event]:
-        while len(writes) > keep:
-            image_id, fut = writes.popleft()
-            try:
-                rec = fut.result()
-            except Exception as e:
-                rec = _record_failure(out, image_id, "write", e)
-            yield finish(rec)
-
-    try:
-        top_up_reads()
-        while reads:
-            if should_stop is not None and should_stop():
-                stopped = True
-                break
-            image_id, _, fut = reads.popleft()
-            top_up_reads()
-            try:
-                image, t_read = fut.result()
-            except Exception as e:
-                yield finish(_record_failure(out, image_id, "read", e))
-                continue
-            t0 = time.perf_counter()
-            try:
-                prediction = predict_image(predictor, image, options)
-            except Exception as e:
-                yield finish(_record_failure(out, image_id, "predict", e, {"read": t_read}))
-                continue
-            finally:
-                del image
-            secs = {"read": t_read, "predict": time.perf_counter() - t0}
-            writes.append((image_id, writer.submit(write_image_outputs, out, prediction, options, secs)))
-            del prediction
-            yield from drain_writes(options.batch_size)
-        yield from drain_writes(0)
-    finally:
-        # Interrupted or not: stop reading, let the writes in flight finish (each is atomic and
-        # its done marker comes last, so a cut-off image is simply redone by the next run).
-        for _, _, fut in reads:
-            fut.cancel()
-        reader.shutdown(wait=True, cancel_futures=True)
-        writer.shutdown(wait=True)
-
-    summary.failures = failures
-    yield from finish_run(out, ids, options, settings, summary, stage_sums, handled, stopped, t_start)
 
 
 def start_run(out: Path, ids: list[str], options, settings: dict) -> tuple[list[str], BatchSummary, Event]:
@@ -921,14 +589,3 @@ def finish_run(out: Path, ids: list[str], options, settings: dict, summary: Batc
                 message=f"{summary.n_done} predicted, {summary.n_skipped} skipped, {summary.n_failed} failed; "
                         f"{summary.n_cells} cells in {out / 'cells.csv'}")
     yield Event(EventKind.DONE, stage="predict", result=summary, path=str(out))
-
-
-def run_predict_folder(*args, **kwargs) -> BatchSummary:
-    """:func:`predict_folder` without the events: runs it and returns the :class:`BatchSummary`."""
-    summary = None
-    for ev in predict_folder(*args, **kwargs):
-        if ev.kind in (EventKind.DONE, EventKind.STOPPED):
-            summary = ev.result
-    assert summary is not None
-    return summary
-

@@ -1,7 +1,7 @@
 """Folder prediction on a Dask cluster: a workstation, a running scheduler, SLURM / LSF / PBS.
 
 :func:`predict_folder_distributed` is :func:`napari_cpgcn.batch.predict_folder` with the images
-spread over Dask workers. It yields the same :class:`~napari_cpgcn.training.events.Event` s and
+spread over Dask workers. It yields the same :class:`~napari_cpgcn.events.Event` s and
 leaves the same files: the run-level CSVs are identical to a serial run's.
 
 Cluster specs (``--cluster``)
@@ -53,21 +53,21 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from napari_cpgcn.batch import (
+from napari_cpgcn.batch.local import check_segmentation, process_image
+from napari_cpgcn.batch.outputs import (
     BatchOptions,
     ImageRecord,
     _record_failure,
     finish_run,
-    model_fingerprint,
-    process_image,
     record_item,
-    resolve_model_path,
     start_run,
 )
+from napari_cpgcn.events import Event, EventKind, ShouldStop
+from napari_cpgcn.io.atomic import check_writable
 from napari_cpgcn.io.hpa import list_image_ids, resolve_images_dir
-from napari_cpgcn.training.events import Event, EventKind, ShouldStop
+from napari_cpgcn.pipeline.predictor import model_fingerprint, resolve_model_path
 
 __all__ = [
     "INSTALL_HINT",
@@ -316,6 +316,8 @@ class WorkerModel:
     """
 
     key: str
+    #: :class:`~napari_cpgcn.pipeline.Predictor` attribute: a shipped object has no run folder here.
+    run_dir: ClassVar[None] = None
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
         with _WORKER_LOCK:
@@ -579,7 +581,7 @@ def predict_folder_distributed(
         model = resolve_model_path(model)
     elif not hasattr(model, "predict"):
         raise TypeError(f"model must be a run folder or a predictor, got {type(model).__name__}")
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     settings = {
         "input_dir": str(input_dir),
         "model": str(getattr(model, "run_dir", model)),
@@ -587,6 +589,7 @@ def predict_folder_distributed(
         **asdict(options),
         "cluster": "client" if client is not None else cluster,
     }
+    check_segmentation(model, options)
     todo, summary, start = start_run(out, ids, options, settings)
     n_skipped = summary.n_skipped
     yield start
@@ -729,8 +732,9 @@ def segment_image_task(folder: str, image_id: str, out_dir: str, method: str,
     segment, write), with the same errors reported as a failed image instead of raised.
     """
     from napari_cpgcn.io.hpa import read_image
+    from napari_cpgcn.io.masks import write_mask
     from napari_cpgcn.segmentation import segment_cells
-    from napari_cpgcn.segmentation.folder import mask_path, write_mask
+    from napari_cpgcn.segmentation.folder import mask_path
 
     t0 = time.perf_counter()
     try:
@@ -765,14 +769,10 @@ def segment_folder_distributed(
     the same ``DONE`` result ``{"done", "skipped", "failed"}``; an image whose worker process
     died ``max_tries`` times is a failed image.
     """
-    from napari_cpgcn.segmentation import make_params
-    from napari_cpgcn.segmentation.folder import mask_path
+    from napari_cpgcn.segmentation import check_method
+    from napari_cpgcn.segmentation.folder import mask_path, refuse_input_as_output
 
-    p = make_params(method, **params)  # bad parameters fail before any work
-    if method == "cellpose":
-        from napari_cpgcn.segmentation import resolve_cellpose_weights
-
-        resolve_cellpose_weights(p.model, p.models_dir)
+    check_method(method, **params)  # a typo or missing weights: one error now, not one per image
     if client is None:
         ClusterSpec.parse(cluster)
     folder = resolve_images_dir(input_dir)
@@ -782,7 +782,8 @@ def segment_folder_distributed(
             f"{input_dir} holds no HPA images: expected files named ID_red.png, ID_green.png, "
             "ID_blue.png, ID_yellow.png (or .jpg/.tif), or multi-channel TIFFs")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    refuse_input_as_output(folder, out)
+    check_writable(out)
     skipped = [i for i in ids if not overwrite and mask_path(out, i).exists()]
     skip_set = set(skipped)
     todo = [i for i in ids if i not in skip_set]

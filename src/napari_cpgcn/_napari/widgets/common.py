@@ -20,8 +20,8 @@ import numpy as np
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLineEdit, QPushButton, QWidget
 
+from napari_cpgcn._napari.layers import roles
 from napari_cpgcn.classes import CHANNELS
-from napari_cpgcn.layers import roles
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def load_settings() -> dict[str, Any]:
 
 def update_settings(**changes: Any) -> None:
     """Merge ``changes`` into the remembered settings (failures to write are only logged)."""
-    from napari_cpgcn.io.tables import atomic_write_text
+    from napari_cpgcn.io.atomic import atomic_write_text
 
     settings = load_settings()
     settings.update(changes)
@@ -258,7 +258,7 @@ def current_image(viewer):
 
 def cells_layer_of(viewer, image_id: str | None = None):
     """The ``cells`` Labels layer (of ``image_id`` when given), or None."""
-    from napari_cpgcn.layers import CELLS_LAYER
+    from napari_cpgcn._napari.layers import CELLS_LAYER
 
     candidates = [ly for ly in viewer.layers if type(ly).__name__ == "Labels"
                   and (ly.name == CELLS_LAYER or ly.metadata.get("hpa_role") == "cells")]
