@@ -47,6 +47,7 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import urlparse, urlunparse
 
 __all__ = [
+    "Probe",
     "WEIGHTS_TIMEOUT_ENV",
     "WEIGHTS_URL_ENV",
     "WeightsDecision",
