@@ -38,6 +38,24 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_internet_weights(tmp_path_factory):
+    """Every test: an empty temporary torch hub cache (TORCH_HOME) and an ImageNet weight URL on
+    a loopback port that refuses connections, so a backbone built with ``"imagenet"`` never
+    reads the real cache nor reaches the internet (it logs "offline" at once). The port is held
+    bound but not listening for the session, so no other process can answer on it. Tests of
+    downloads (tests/test_weights.py) set their own loopback server."""
+    import socket
+
+    closed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    closed.bind(("127.0.0.1", 0))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+        mp.setenv("NAPARI_CPGCN_WEIGHTS_URL", f"http://127.0.0.1:{closed.getsockname()[1]}/models")
+        yield
+    closed.close()
+
+
 @pytest.fixture
 def one_torch_thread():
     """Run a test with one torch thread (several times faster than two oversubscribed ones on

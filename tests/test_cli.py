@@ -71,7 +71,7 @@ def test_info_reports_versions_and_weight_folders(capsys):
     assert "resnet18" in info["imagenet_weights"]["found"]
     assert info["cellpose_models"]["folder"]
     assert main(["info"]) == 0
-    assert "ImageNet weights are looked for in" in capsys.readouterr().out
+    assert "ImageNet weights: the torch hub cache" in capsys.readouterr().out
 
 
 def test_predict_bad_usage(tmp_path, hpa_samples):

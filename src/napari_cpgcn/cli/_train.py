@@ -48,7 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         image_size="image model input side in pixels",
         epochs="epochs of the image model and the cell model",
         batch_size="image model (and refinement) batch size",
-        imagenet_weights=("PATH|none", "'imagenet' (torch hub cache), a torchvision weight file, or 'none'"),
+        imagenet_weights=("imagenet|URL|PATH|none",
+                          "'imagenet' (default: the torch hub cache, else torchvision's download when "
+                          "the network answers; offline: random init, said at the start), a mirror URL "
+                          "(its folder, or a file named name-<sha256 prefix>.pth), a torchvision weight "
+                          "file, or 'none' (random init)"),
         seed="random seed",
         workers="DataLoader worker processes",
     )

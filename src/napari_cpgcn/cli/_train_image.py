@@ -38,8 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         image_size="network input side in pixels (default 512)",
         epochs="default 50 (the paper)",
         batch_size="default 8",
-        imagenet_weights=("PATH", "torchvision ImageNet weight file; default: look in the torch hub cache, "
-                                  "else random init; 'none' for random init"),
+        imagenet_weights=("imagenet|URL|PATH|none",
+                          "'imagenet' (default: the torch hub cache, else torchvision's download when "
+                          "the network answers; offline: random init, said at the start), a mirror URL "
+                          "(its folder, or a file named name-<sha256 prefix>.pth), a torchvision weight "
+                          "file, or 'none' (random init)"),
         seed="random seed (default 0)",
         workers="DataLoader worker processes (default 0)",
     )

@@ -52,8 +52,18 @@ def add_training_arguments(
 
 
 def imagenet_weights(text: str) -> str | None:
-    """The value of ``--imagenet-weights``: None (random init) for 'none', 'random' or ''."""
-    return None if text.lower() in ("none", "random", "") else text
+    """The value of ``--imagenet-weights``: None (random init) for 'none', 'random' or ''; a
+    URL whose file name cannot be verified is refused here, before any training starts."""
+    if text.lower() in ("none", "random", ""):
+        return None
+    from napari_cpgcn.models.weights import WeightsDownloadError, check_weights_url, is_url
+
+    if is_url(text):
+        try:
+            check_weights_url(text)
+        except WeightsDownloadError as e:
+            raise UsageError(f"--imagenet-weights: {e}") from e
+    return text
 
 
 def init_from(text: str) -> str | None:

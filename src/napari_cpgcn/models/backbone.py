@@ -4,9 +4,11 @@ Every backbone takes (B, 4, Y, X) images in [0, 1] (channel order red, green, bl
 normalises them with per-channel mean/std buffers (so a checkpoint carries its own
 normalisation), and returns the last feature map (B, D, Y/32, X/32), or Y/16 with ``output_stride=16``.
 
-ImageNet weights are never downloaded: they are read from a given path or from the torch hub
-cache (``torch.hub.get_dir()/checkpoints/<torchvision file name>``). When they are requested
-but absent, a clear message is logged and the backbone starts from random weights.
+ImageNet weights come from a given path, from the torch hub cache
+(``torch.hub.get_dir()/checkpoints/<torchvision file name>``), or -- asked for and absent --
+from a verified download when the network answers (:mod:`napari_cpgcn.models.weights`).
+Offline, a clear message is logged within seconds and the backbone starts from random
+weights. Nothing is downloaded at import, nor ever with ``weights=None``.
 """
 
 from __future__ import annotations
@@ -21,13 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_cpgcn.models.weights import WeightsDownloadError, WeightsNotFoundError, is_url
+
 __all__ = [
     "BACKBONES",
     "Backbone",
+    "WeightsDownloadError",
     "WeightsNotFoundError",
     "adapt_input_conv",
     "imagenet_weight_candidates",
     "find_imagenet_weights",
+    "torchvision_weights_url",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,10 +53,6 @@ BACKBONES: dict[str, tuple[str, str, int]] = {
 #: the image trainer replaces them by the training set's own statistics.
 DEFAULT_MEAN: tuple[float, ...] = (0.08, 0.05, 0.05, 0.08)
 DEFAULT_STD: tuple[float, ...] = (0.13, 0.10, 0.10, 0.13)
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """An explicitly given weight file does not exist or does not fit the backbone."""
 
 
 def adapt_input_conv(in_chans: int, conv_weight: torch.Tensor) -> torch.Tensor:
@@ -86,6 +88,13 @@ def imagenet_weight_candidates(name: str) -> list[str]:
         if fn not in names:
             names.append(fn)
     return names
+
+
+def torchvision_weights_url(name: str) -> str:
+    """torchvision's download URL of the default ImageNet weights of a backbone."""
+    import torchvision.models as tvm
+
+    return getattr(tvm, BACKBONES[name][1]).DEFAULT.url
 
 
 def find_imagenet_weights(name: str) -> Path | None:
@@ -156,9 +165,12 @@ class Backbone(nn.Module):
     in_chans
         Input channels (4 for HPA images).
     weights
-        ``None`` (random init), ``"imagenet"`` (look in the torch hub cache; absent → a logged
-        message and random init) or a path to a torchvision-format state dict (absent or not
-        fitting → :class:`WeightsNotFoundError`).
+        ``None`` (random init; never touches the network), ``"imagenet"`` (the torch hub
+        cache, else a verified download; offline → a logged message and random init, see
+        :func:`~napari_cpgcn.models.weights.fetch_imagenet_weights`), an http(s) URL (a
+        mirror: its folder, or the hub-named file itself) or a path to a torchvision-format
+        state dict (absent or not fitting → :class:`WeightsNotFoundError`; a refused
+        download → :class:`WeightsDownloadError`).
     mean, std
         Per-channel normalisation applied to the [0, 1] input; stored as buffers so checkpoints
         carry them.
@@ -174,6 +186,10 @@ class Backbone(nn.Module):
         Channels D of the feature map.
     weights_source : str
         Where the initial weights came from (``"random"``, or a file path).
+    weights_message : str
+        For ``"imagenet"`` or a URL: the one-line decision (``ImageNet weights ... from PATH``,
+        ``... downloaded from URL``, or ``offline: ...; starting from random init ...``), for
+        the trainers' first events; "" otherwise.
     """
 
     def __init__(
@@ -204,6 +220,7 @@ class Backbone(nn.Module):
         if output_stride == 16:
             _dilate_last_stage(net.layer4)
         self.weights_source = "random"
+        self.weights_message = ""
         path = self._resolve_weights(weights)
         if path is not None:
             self._load_rgb_weights(net, path)
@@ -232,17 +249,13 @@ class Backbone(nn.Module):
     def _resolve_weights(self, weights: str | Path | None) -> Path | None:
         if weights is None or weights == "" or weights == "none":
             return None
-        if str(weights).lower() == "imagenet":
-            found = find_imagenet_weights(self.name)
-            if found is None:
-                where = Path(torch.hub.get_dir()) / "checkpoints" / imagenet_weight_candidates(self.name)[0]
-                log.warning(
-                    "ImageNet weights for %s not found (looked for %s; no download is attempted). "
-                    "Training starts from random weights. To use ImageNet weights, copy the "
-                    "torchvision file there or pass its path (--imagenet-weights PATH).",
-                    self.name, where,
-                )
-            return found
+        if str(weights).lower() == "imagenet" or is_url(weights):
+            from napari_cpgcn.models.weights import fetch_imagenet_weights
+
+            decision = fetch_imagenet_weights(self.name, str(weights))
+            self.weights_message = decision.message()
+            (log.info if decision.weights is not None else log.warning)("%s", self.weights_message)
+            return decision.weights
         p = Path(weights).expanduser()
         if not p.is_file():
             raise WeightsNotFoundError(

@@ -56,7 +56,8 @@ class CellModelConfig(TrainConfig):
     soft_targets
         Train on the pseudo-labels' soft scores instead of their 0/1 labels.
     imagenet_weights
-        ``"imagenet"`` (torch hub cache if present), a file path, or ``None``.
+        ``"imagenet"`` (torch hub cache, else a verified download; offline → random init with
+        a message), a mirror URL, a file path, or ``None`` (random init, no network).
     init_from
         A napari-cpgcn checkpoint or run folder (its ``cell_model/best.pt``) with the same
         backbone whose backbone weights start this model; takes the place of ``imagenet_weights``.
@@ -283,6 +284,8 @@ def train_cell_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = build_cell_model(config, weights=None if config.init_from else "config")
+    if model.backbone.weights_message:  # which start: ImageNet from a file / a download / offline
+        yield Event(EventKind.LOG, stage=stage, message=model.backbone.weights_message)
     if config.init_from and not (resume and (run_dir / "latest.pt").is_file()):  # a resume loads latest.pt
         used = load_backbone_weights(model.backbone, config.init_from, config.backbone, stage="cell_model")
         yield Event(EventKind.LOG, stage=stage, message=f"cell backbone initialised from {used}")

@@ -156,8 +156,9 @@ class ImageModelConfig(TrainConfig):
     image_size
         Images are resized to ``image_size``² (the paper: 512).
     imagenet_weights
-        ``"imagenet"`` (torch hub cache, fall back to random init with a message), a file path,
-        or ``None`` (random init).
+        ``"imagenet"`` (torch hub cache, else a verified download; offline → random init with
+        a message, see :mod:`napari_cpgcn.models.weights`), a mirror URL, a file path, or
+        ``None`` (random init, no network).
     init_from
         A napari-cpgcn checkpoint (image or cell model, or a run folder holding
         ``image_model/best.pt``) with the same backbone, whose backbone weights start this

@@ -235,6 +235,8 @@ def train_image_model(
         yield Event(EventKind.LOG, stage=stage, message=msg)
     elif config.init_from:
         model.backbone.weights_source = str(load_backbone_weights(model.backbone, config.init_from, config.backbone))
+    if model.backbone.weights_message:  # which start: ImageNet from a file / a download / offline
+        yield Event(EventKind.LOG, stage=stage, message=model.backbone.weights_message)
     init_class_bias(model, train_table.labels)
     model.image_size = config.image_size
     msg = (f"{len(train_ids)} training / {len(val_ids)} validation images; {config.variant} on "
