@@ -281,12 +281,13 @@ def train_cell_model(
     config.save(cfg_path)
 
     # Seeded initialisation: the same weights whatever ran before in this process.
-    with torch.random.fork_rng(devices=[]):
+    resuming = resume and (run_dir / "latest.pt").is_file()  # its weights replace any start
+    with torch.random.fork_rng(devices=[]), ddp.main_process_first():  # rank 0 alone downloads weights
         torch.manual_seed(config.seed)
-        model = build_cell_model(config, weights=None if config.init_from else "config")
+        model = build_cell_model(config, weights=None if config.init_from or resuming else "config")
     if model.backbone.weights_message:  # which start: ImageNet from a file / a download / offline
         yield Event(EventKind.LOG, stage=stage, message=model.backbone.weights_message)
-    if config.init_from and not (resume and (run_dir / "latest.pt").is_file()):  # a resume loads latest.pt
+    if config.init_from and not resuming:
         used = load_backbone_weights(model.backbone, config.init_from, config.backbone, stage="cell_model")
         yield Event(EventKind.LOG, stage=stage, message=f"cell backbone initialised from {used}")
     n_pos = targets[train_rows].sum(0)

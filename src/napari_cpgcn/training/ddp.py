@@ -36,6 +36,7 @@ Without torchrun (``WORLD_SIZE`` unset or 1) every function is a no-op, so the s
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -325,6 +326,23 @@ def barrier() -> None:
     d = _dist()
     if d is not None and d.get_world_size() > 1:
         d.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Run the block on rank 0 first, then on the other ranks (no-op without torchrun).
+
+    For work with a shared side effect, such as downloading ImageNet weights into the cache:
+    rank 0 fetches them once, the others then find them there.
+    """
+    main = is_main_process()
+    if not main:
+        barrier()
+    try:
+        yield
+    finally:
+        if main:
+            barrier()
 
 
 def cleanup() -> None:

@@ -23,6 +23,7 @@ from napari_cpgcn.events import Event, EventKind, ShouldStop
 from napari_cpgcn.io.atomic import atomic_write_text, check_writable
 from napari_cpgcn.io.hpa import image_index
 from napari_cpgcn.io.tables import LabelTable, read_labels_csv
+from napari_cpgcn.training import ddp
 from napari_cpgcn.training.checkpoint import load_backbone_weights
 from napari_cpgcn.training.config import ImageModelConfig
 from napari_cpgcn.training.datasets import HPAImageDataset, channel_stats, check_images, split_ids
@@ -226,9 +227,11 @@ def train_image_model(
 
     device = resolve_device(config.device)
     seed_everything(config.seed)  # the same seed gives the same initial weights
-    model = build_image_model(config, label_matrix=train_table.labels,
-                              weights=None if config.init_from else "config")
-    if config.init_from and resume and (run_dir / "latest.pt").is_file():
+    resuming = resume and (run_dir / "latest.pt").is_file()  # its weights replace any start
+    with ddp.main_process_first():  # under torchrun rank 0 alone downloads missing weights
+        model = build_image_model(config, label_matrix=train_table.labels,
+                                  weights=None if config.init_from or resuming else "config")
+    if config.init_from and resuming:
         msg = (f"resuming from {run_dir / 'latest.pt'}: init_from ({config.init_from}) only starts a fresh "
                "run (use --no-resume to start again from it)")
         log.warning(msg)
