@@ -320,7 +320,12 @@ def check_init_checkpoint(source: str | Path, name: str, stage: str = "image_mod
     """Resolve and read the checkpoint a ``name`` backbone starts from; refuse another backbone.
 
     Returns ``(path, checkpoint)``. Cheap enough to call before any training starts.
+    ``source`` may also be a bioimage.io package written by ``napari-cpgcn export-bioimageio``.
     """
+    if str(source).lower().endswith(".zip"):  # a bioimage.io package: its reader checks classes + backbone
+        from napari_cpgcn.export.bioimageio import read_package_checkpoint
+
+        return Path(source).expanduser(), read_package_checkpoint(source, backbone=name)
     src = resolve_init_checkpoint(source, stage)
     ckpt = load_checkpoint(src, "cpu")
     have = ckpt.get("meta", {}).get("backbone")
