@@ -54,10 +54,9 @@ def predicted(tmp_path_factory):
 
 
 def _ome_zarr_nodes(path: Path):
+    from ome_zarr.format import FormatV04
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
-
-    from ome_zarr.format import FormatV04
 
     nodes = list(Reader(parse_url(str(path), fmt=FormatV04()))())
     image = next(n for n in nodes if "channel_names" in n.metadata)
