@@ -206,14 +206,17 @@ def _load_run_model(run: str | Path, which: str):
         raise BioimageioExportError(
             f"{run}: nothing to export as the {which} model ({e}). Give a run folder made by "
             "`napari-cpgcn train` (or `train-image` for --which image) or its checkpoint") from e
-    if which == "image":
-        from napari_cpgcn.training.inference import load_image_model
+    try:
+        if which == "image":
+            from napari_cpgcn.training.inference import load_image_model
 
-        model, config = load_image_model(ckpt_path, "cpu", classes=None)
-    else:
-        from napari_cpgcn.training.cell_trainer import load_cell_model
+            model, config = load_image_model(ckpt_path, "cpu", classes=None)
+        else:
+            from napari_cpgcn.training.cell_trainer import load_cell_model
 
-        model, config, _ = load_cell_model(ckpt_path, "cpu")
+            model, config, _ = load_cell_model(ckpt_path, "cpu")
+    except CheckpointError as e:
+        raise BioimageioExportError(f"{ckpt_path} cannot be exported as the {which} model: {e}") from e
     return model, config, ckpt_path, load_checkpoint(ckpt_path, "cpu")
 
 
