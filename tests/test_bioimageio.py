@@ -150,8 +150,8 @@ def test_foreign_packages_are_refused_with_a_clear_message(image_package, tmp_pa
     other = _rewrite_rdf(image_package, tmp_path / "other.zip", other_classes)
     with pytest.raises(PackageError, match=r"another class set \(5 classes.*19 classes here"):
         read_package_checkpoint(other)
-    from napari_cpgcn.training.engine import CheckpointError, load_backbone_weights
     from napari_cpgcn.models.backbone import Backbone
+    from napari_cpgcn.training.engine import CheckpointError, load_backbone_weights
 
     with pytest.raises(CheckpointError, match="another class set"):  # the --init-from path
         load_backbone_weights(Backbone("resnet18", weights=None), other, "resnet18")
