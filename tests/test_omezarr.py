@@ -181,7 +181,10 @@ def test_bad_targets_give_clear_errors(tmp_path):
     with pytest.raises(OmeZarrError, match="not an OME-Zarr written by napari-cpgcn"):
         write_ome_zarr(foreign, img, img.cells, table, overwrite=True)
     assert (foreign / "notes.txt").read_text() == "keep me"
+    stale = tmp_path / ".ours.ome.zarr.x1y2.partial"  # what a killed write leaves behind
+    (stale / "s0").mkdir(parents=True)
     ours = write_ome_zarr(tmp_path / "ours.ome.zarr", img, img.cells, table)
+    assert not stale.exists()
     with pytest.raises(OmeZarrError, match="already exists"):
         write_ome_zarr(ours, img, img.cells, table)
     write_ome_zarr(ours, img, img.cells, table, overwrite=True)  # ours may be replaced

@@ -281,8 +281,9 @@ def _readme(which: str, config, meta: dict, with_cams: bool) -> str:
         what = (
             f"The **image-level model** of CP-GCN ({config.variant}, {config.backbone} backbone): a whole "
             "4-channel HPA field of view in, the 19 image-level class probabilities out"
-            + (", and the class activation maps (one per class, each scaled to [0, 1], at the input's "
-               "size) that napari-cpgcn uses to localise the classes in cells." if with_cams else ".")
+            + (", and the class activation maps (the model's own class maps, one per class, each scaled "
+               "to [0, 1], at the input's size) that napari-cpgcn uses to localise the classes in cells."
+               if with_cams else ".")
             + f" The network resizes its input to {config.image_size}² (antialiased bilinear) as it was "
             "trained.")
     else:

@@ -313,8 +313,9 @@ def _prepare_target(path: Path, overwrite: bool) -> None:
 
 def _make_temp_dir(path: Path) -> Path:
     """A temporary folder beside ``path`` (same file system: the final rename is atomic)."""
-    for stale in path.parent.glob(f".{path.name}.*.partial"):  # left by a killed earlier write
-        shutil.rmtree(stale, ignore_errors=True)
+    for pattern in (f".{path.name}.*.partial", f".{path.name}.*.old"):  # left by a killed earlier write
+        for stale in path.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
     return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
 
 
