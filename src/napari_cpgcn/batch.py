@@ -524,10 +524,9 @@ def write_image_outputs(out_dir: str | Path, prediction: Any, options: BatchOpti
     if options.ome_zarr:
         if image is None:
             raise ValueError(f"{image_id}: OME-Zarr output needs the image (write_image_outputs(image=...))")
-        from napari_cpgcn.io.omezarr import (
-            write_ome_zarr,  # atomic itself: temp folder, then rename
-        )
+        from napari_cpgcn.io.omezarr import write_ome_zarr
 
+        # atomic itself (temporary folder, then rename), before the done marker like the other files
         write_ome_zarr(p["zarr"], image, cells, cell_df, image_probs=prediction.image_probs, overwrite=True)
     _write_csv(p["cells"], cell_df)
     _write_csv(p["image"], _image_part(image_id, np.asarray(prediction.image_probs), height, width,
