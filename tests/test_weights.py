@@ -16,8 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 
 from napari_cpgcn.cli import main  # noqa: E402
 from napari_cpgcn.events import EventKind  # noqa

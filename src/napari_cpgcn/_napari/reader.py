@@ -1,8 +1,10 @@
-"""npe2 reader: HPA channel files, a folder holding one image, or a 4-channel TIFF → four image layers.
+"""npe2 reader: HPA channel files, a folder holding one image, or a 4-channel TIFF → four image layers;
+an OME-Zarr written by ``predict --ome-zarr`` → four image layers + the ``cells`` Labels layer.
 
 A thin adapter over :mod:`napari_cpgcn.io` and :mod:`napari_cpgcn._napari.layers`. ``napari_get_reader``
-answers quickly from file names (plus a TIFF header peek) and returns ``None`` for anything
-that is not an HPA image, so napari's other readers get their turn.
+answers quickly from file names (plus a TIFF header or zarr attribute peek) and returns ``None``
+for anything that is not an HPA image or one of our zarrs, so napari's other readers (e.g.
+napari-ome-zarr for other OME-Zarrs) get their turn.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from napari_cpgcn._napari.layers import LayerDataTuple, channel_layers, lookup_image_labels
 from napari_cpgcn.io.hpa import TIFF_RE, list_image_ids, parse_channel_filename, resolve_images_dir
 
-__all__ = ["napari_get_reader", "read_hpa"]
+__all__ = ["napari_get_reader", "read_hpa", "read_cpgcn_ome_zarr"]
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +70,41 @@ def napari_get_reader(path: PathOrPaths) -> ReaderFunction | None:
     paths = [path] if isinstance(path, str | Path) else list(path)
     if not paths:
         return None
+    from napari_cpgcn.io.omezarr import (
+        is_cpgcn_ome_zarr,  # cheap: reads .zattrs only, no zarr import
+    )
+
+    if all(is_cpgcn_ome_zarr(p) for p in paths):
+        return read_cpgcn_ome_zarr
     if all(_image_key(Path(p)) for p in paths):
         return read_hpa
     return None
+
+
+def read_cpgcn_ome_zarr(path: PathOrPaths) -> list[LayerDataTuple]:
+    """Read OME-Zarrs written by ``napari-cpgcn predict --ome-zarr``: per zarr, the four channel
+    layers and the ``cells`` Labels layer with the per-cell table as ``features``.
+
+    Raises
+    ------
+    napari_cpgcn.io.omezarr.OmeZarrError
+        A corrupt or incomplete zarr (the message names it and the broken part).
+    """
+    from napari_cpgcn._napari.layers import cells_layer
+    from napari_cpgcn.io.hpa import HPAImage
+    from napari_cpgcn.io.omezarr import read_ome_zarr
+
+    layers: list[LayerDataTuple] = []
+    for p in [path] if isinstance(path, str | Path) else list(path):
+        z = read_ome_zarr(p)
+        image = HPAImage(data=z.data, image_id=z.image_id, paths={c: z.path for c in ("red", "green", "blue", "yellow")},
+                         bit_depth=16 if z.data.dtype == "uint16" else 8, source_format="ome-zarr")
+        layers += channel_layers(image)
+        if z.cells is not None:
+            data, kwargs, kind = cells_layer(z.cells, z.table, image_id=z.image_id)
+            kwargs["metadata"]["path"] = str(z.path)
+            layers.append((data, kwargs, kind))
+    return layers
 
 
 def read_hpa(path: PathOrPaths) -> list[LayerDataTuple]:

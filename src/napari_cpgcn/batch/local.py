@@ -120,9 +120,9 @@ def process_image(input_dir: str | Path, image_id: str, model: str | Path | Any,
     except Exception as e:
         return _record_failure(out_dir, image_id, "predict", e, seconds)
     seconds["predict"] = time.perf_counter() - t0
-    del image
     try:
-        return write_image_outputs(out_dir, prediction, options, seconds)
+        return write_image_outputs(out_dir, prediction, options, seconds,
+                                   image=image if options.ome_zarr else None)
     except Exception as e:
         return _record_failure(out_dir, image_id, "write", e, seconds)
 
@@ -237,6 +237,7 @@ def predict_folder(input_dir: str | Path, model: str | Path | Any, out_dir: str 
                 yield finish(_record_failure(out, image_id, "read", e))
                 continue
             t0 = time.perf_counter()
+            pixels = image if options.ome_zarr else None  # the OME-Zarr holds the image too
             try:
                 prediction = predict_image(predictor, image, options)
             except Exception as e:
@@ -245,8 +246,8 @@ def predict_folder(input_dir: str | Path, model: str | Path | Any, out_dir: str 
             finally:
                 del image
             secs = {"read": t_read, "predict": time.perf_counter() - t0}
-            writes.append((image_id, writer.submit(write_image_outputs, out, prediction, options, secs)))
-            del prediction
+            writes.append((image_id, writer.submit(write_image_outputs, out, prediction, options, secs, pixels)))
+            del prediction, pixels
             yield from drain_writes(options.batch_size)
         yield from drain_writes(0)
     finally:

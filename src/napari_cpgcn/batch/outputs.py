@@ -4,6 +4,7 @@ Under ``OUT_DIR``::
 
     masks/{ID}.tif              cell instance mask (uint32, 0 = background, ids = cell_id)
     cams/{ID}.tif               optional: (19, Y, X) uint8 CAMs (probability x 255)
+    zarr/{ID}.ome.zarr          optional: OME-Zarr (NGFF 0.4) image + labels/cells + per-cell table
     parts/{ID}.cells.csv        the image's per-cell rows
     parts/{ID}.image.csv        the image's image-level row
     parts/{ID}.submission.csv   optional: the image's Kaggle submission row
@@ -39,6 +40,7 @@ from napari_cpgcn.classes import CLASS_NAMES, N_CLASSES, SHORT_NAMES
 from napari_cpgcn.events import Event, EventKind
 from napari_cpgcn.io.atomic import atomic_write, atomic_write_text
 from napari_cpgcn.io.celltable import PREDICTION_COLUMNS
+from napari_cpgcn.io.hpa import HPAImage
 from napari_cpgcn.io.masks import read_mask, write_mask
 
 __all__ = [
@@ -114,6 +116,9 @@ class BatchOptions:
         Also write ``cams/{ID}.tif`` (19, Y, X) uint8, probability x 255.
     submission : bool
         Also write ``submission.csv`` (Kaggle 2021: every cell x every class, fused confidence).
+    ome_zarr : bool
+        Also write ``zarr/{ID}.ome.zarr``: image pyramid, ``labels/cells`` and the per-cell
+        table (:mod:`napari_cpgcn.io.omezarr`; needs the ``ome-zarr`` extra).
     overwrite : bool
         Redo every image even when a finished one is in the output folder.
     top_threshold : float
@@ -130,6 +135,7 @@ class BatchOptions:
     workers: int = 2
     save_cams: bool = False
     submission: bool = False
+    ome_zarr: bool = False
     overwrite: bool = False
     top_threshold: float = 0.5
     torch_threads: int = 0
@@ -160,8 +166,8 @@ class ImageRecord:
         Wall time per stage (``read``, ``predict``, ``write`` and any stage the predictor reports).
     stage, error : str
         For failures: the stage that failed and the error message.
-    cams, submission : bool
-        Whether the CAM TIFF / submission part was written.
+    cams, submission, ome_zarr : bool
+        Whether the CAM TIFF / submission part / OME-Zarr was written.
     """
 
     image_id: str
@@ -174,6 +180,7 @@ class ImageRecord:
     error: str = ""
     cams: bool = False
     submission: bool = False
+    ome_zarr: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -237,6 +244,7 @@ def image_paths(out_dir: str | Path, image_id: str) -> dict[str, Path]:
     return {
         "mask": out / "masks" / f"{image_id}.tif",
         "cams": out / "cams" / f"{image_id}.tif",
+        "zarr": out / "zarr" / f"{image_id}.ome.zarr",
         "cells": parts / f"{image_id}.cells.csv",
         "image": parts / f"{image_id}.image.csv",
         "submission": parts / f"{image_id}.submission.csv",
@@ -260,6 +268,10 @@ def is_done(out_dir: str | Path, image_id: str, options: BatchOptions | None = N
     if options is not None and options.save_cams:
         rec = _read_record(p["done"])
         if rec is None or not rec.cams or not p["cams"].is_file():
+            return False
+    if options is not None and options.ome_zarr:
+        rec = _read_record(p["done"])
+        if rec is None or not rec.ome_zarr or not p["zarr"].is_dir():
             return False
     return True
 
@@ -329,7 +341,7 @@ def _write_cams(path: Path, cams: np.ndarray) -> None:
 
 
 def write_image_outputs(out_dir: str | Path, prediction: Any, options: BatchOptions,
-                        seconds: dict[str, float] | None = None) -> ImageRecord:
+                        seconds: dict[str, float] | None = None, image: HPAImage | None = None) -> ImageRecord:
     """Write one image's outputs atomically, the done marker last; returns its record.
 
     Parameters
@@ -342,6 +354,8 @@ def write_image_outputs(out_dir: str | Path, prediction: Any, options: BatchOpti
         Which optional outputs to write.
     seconds
         Timings measured so far (read, predict); ``write`` is added.
+    image
+        The image itself; needed (only) for ``options.ome_zarr``.
     """
     t0 = time.perf_counter()
     image_id = str(prediction.image_id)
@@ -358,6 +372,13 @@ def write_image_outputs(out_dir: str | Path, prediction: Any, options: BatchOpti
         wrote_cams = True
     if options.submission:
         atomic_write_text(p["submission"], _submission_line(image_id, cells, cell_df))
+    if options.ome_zarr:
+        if image is None:
+            raise ValueError(f"{image_id}: OME-Zarr output needs the image (write_image_outputs(image=...))")
+        from napari_cpgcn.io.omezarr import write_ome_zarr
+
+        # atomic itself (temporary folder, then rename), before the done marker like the other files
+        write_ome_zarr(p["zarr"], image, cells, cell_df, image_probs=prediction.image_probs, overwrite=True)
     _write_csv(p["cells"], cell_df)
     _write_csv(p["image"], _image_part(image_id, np.asarray(prediction.image_probs), height, width,
                                        len(cell_df), options.top_threshold))
@@ -368,7 +389,7 @@ def write_image_outputs(out_dir: str | Path, prediction: Any, options: BatchOpti
             secs.setdefault(str(k), float(v))
     secs["write"] = time.perf_counter() - t0
     rec = ImageRecord(image_id, "done", int(height), int(width), int(len(cell_df)), secs,
-                      cams=wrote_cams, submission=options.submission)
+                      cams=wrote_cams, submission=options.submission, ome_zarr=options.ome_zarr)
     atomic_write_text(p["done"], rec.to_json())  # last: the image is finished
     p["failed"].unlink(missing_ok=True)
     return rec

@@ -36,6 +36,7 @@ SUBCOMMANDS: list[str] = [
     "_predict",
     "_evaluate",
     "_export_kaggle",
+    "_export_bioimageio",
     "_demo",
     "_info",
 ]

@@ -15,7 +15,9 @@ Predict per-cell protein localisations for every image of INPUT_DIR with a train
 Writes to OUT_DIR: masks/{ID}.tif (cell masks), cells.csv (one row per cell: image id, cell
 id, centroid, area, bbox, image/cell/fused probability per class, top classes), images.csv
 (one row per image), failures.csv, run.json, predict.log, and optionally cams/{ID}.tif
-(--save-cams) and submission.csv (--submission, Kaggle 2021 format).
+(--save-cams), submission.csv (--submission, Kaggle 2021 format) and zarr/{ID}.ome.zarr
+(--ome-zarr: OME-Zarr with the image pyramid, labels/cells and the per-cell table, for
+napari-ome-zarr, Fiji/MoBIE, QuPath and spatialdata).
 
 Rerunning into the same OUT_DIR skips finished images; every file is written atomically, so
 an interrupted run leaves no truncated file. An unreadable image is listed in failures.csv and
@@ -49,6 +51,9 @@ def register(subparsers) -> None:
                    help="torch threads (default: torch's choice; 1 is often faster on a busy shared CPU)")
     p.add_argument("--save-cams", action="store_true", help="also write cams/{ID}.tif: (19, Y, X) uint8 CAMs")
     p.add_argument("--submission", action="store_true", help="also write submission.csv (Kaggle 2021 format)")
+    p.add_argument("--ome-zarr", action="store_true",
+                   help="also write zarr/{ID}.ome.zarr (NGFF 0.4: image pyramid, labels/cells, per-cell "
+                        "AnnData table); needs `pip install napari-cpgcn[ome-zarr]`")
     p.add_argument("--overwrite", action="store_true", help="redo every image instead of resuming")
     add_cluster_arguments(p)
     add_common_arguments(p)
@@ -65,6 +70,13 @@ def run(args: argparse.Namespace) -> int:
                          "(`napari-cpgcn train` or `napari-cpgcn demo` writes one)")
     if args.batch_size < 1 or args.workers < 1 or args.threads < 0:
         raise UsageError("--batch-size and --workers must be at least 1, --threads at least 0")
+    if args.ome_zarr:  # missing extras: say so once, not once per image
+        try:
+            from napari_cpgcn.io.omezarr import require_ome_zarr
+
+            require_ome_zarr()
+        except ImportError as e:
+            raise UsageError(str(e)) from None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder")
@@ -120,7 +132,7 @@ def _run(args: argparse.Namespace, input_dir: Path, out: Path) -> int:
     options = BatchOptions(
         segmentation=args.segmentation, device=args.device, batch_size=args.batch_size,
         workers=args.workers, save_cams=args.save_cams, submission=args.submission,
-        overwrite=args.overwrite, torch_threads=args.threads,
+        ome_zarr=args.ome_zarr, overwrite=args.overwrite, torch_threads=args.threads,
     )
     log.info("predict %s with %s -> %s", input_dir, model, out)
     summary = None

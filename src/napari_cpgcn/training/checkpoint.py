@@ -192,7 +192,12 @@ def check_init_checkpoint(source: str | Path, name: str, stage: str = "image_mod
     """Resolve and read the checkpoint a ``name`` backbone starts from; refuse another backbone.
 
     Returns ``(path, checkpoint)``. Cheap enough to call before any training starts.
+    ``source`` may also be a bioimage.io package written by ``napari-cpgcn export-bioimageio``.
     """
+    if str(source).lower().endswith(".zip"):  # a bioimage.io package: its reader checks classes + backbone
+        from napari_cpgcn.export.bioimageio import read_package_checkpoint
+
+        return Path(source).expanduser(), read_package_checkpoint(source, backbone=name)
     src = resolve_init_checkpoint(source, stage)
     ckpt = load_checkpoint(src, "cpu")
     have = ckpt.get("meta", {}).get("backbone")
@@ -268,8 +273,10 @@ def _checked_model_checkpoint(path: Path, kind_key: str, kind: str, what: str,
     ckpt = load_checkpoint(path, map_location="cpu")
     meta = ckpt.get("meta", {})
     if meta.get(kind_key) != kind:
-        raise CheckpointError(f"{path} is not {what} checkpoint (it holds {meta.get(kind_key) or 'another kind'}); "
-                              f"give the run folder or its {what.split()[-1]} checkpoint")
+        holds = ("an image model" if meta.get("model") == "cpgcn-image" else
+                 "a cell model" if meta.get("kind") == "cell_classifier" else "neither model")
+        raise CheckpointError(f"{path} is not {what} checkpoint (it holds {holds}); give the run folder or "
+                              f"its {what.split(' ', 1)[1]} checkpoint")
     if classes is not None and list(meta.get("classes", ())) != list(classes):
         have = list(meta.get("classes", ()))
         raise CheckpointError(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
+    QCheckBox,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
@@ -86,6 +87,7 @@ class ExportWidget(QWidget):
         self.run_edit.setText(settings.get("last_run", ""))
         RUNS.run_added.connect(self.run_edit.setText)
         self.out_edit = PathEdit("dir", "output folder (cells.csv, masks/, …)")
+        self.zarr_check = QCheckBox("also OME-Zarr (zarr/{ID}.ome.zarr: image, labels/cells, table)")
         self.folder_btn = QPushButton("Predict + export folder")
         self.folder_btn.clicked.connect(self.export_folder)
         self.cancel_btn = QPushButton("Cancel")
@@ -98,6 +100,7 @@ class ExportWidget(QWidget):
         form.addRow("Images", self.folder_edit)
         form.addRow("Run", self.run_edit)
         form.addRow("Output", self.out_edit)
+        form.addRow(self.zarr_check)
         btns = QHBoxLayout()
         btns.addWidget(self.folder_btn)
         btns.addWidget(self.cancel_btn)
@@ -169,7 +172,7 @@ class ExportWidget(QWidget):
         self.status.setText(f"predicting {folder} …")
         device = load_settings().get("device", "auto")
         self._worker = start_worker(
-            _predict_folder_events, folder, run, out, device, self._stop.is_set,
+            _predict_folder_events, folder, run, out, device, self._stop.is_set, self.zarr_check.isChecked(),
             on_yield=self._on_event,
             on_error=lambda e: self._done(f"folder export failed: {error_text(e)}", e),
             on_finish=self._finished,
@@ -210,9 +213,10 @@ class ExportWidget(QWidget):
         self.cancel_btn.setEnabled(False)
 
 
-def _predict_folder_events(folder: str, run: str, out: str, device: str, should_stop):
+def _predict_folder_events(folder: str, run: str, out: str, device: str, should_stop, ome_zarr: bool = False):
     """Worker body: :func:`napari_cpgcn.batch.predict_folder` with the GUI's device."""
     from napari_cpgcn.batch import BatchOptions, predict_folder
 
-    yield from predict_folder(folder, run, out, BatchOptions(device=device, workers=1, batch_size=1),
+    yield from predict_folder(folder, run, out, BatchOptions(device=device, workers=1, batch_size=1,
+                                                             ome_zarr=ome_zarr),
                               should_stop=should_stop)
