@@ -21,11 +21,13 @@ numpy only; no Qt, napari or torch.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["QC_FIELDS", "mask_qc", "image_qc", "count_mismatch"]
+__all__ = ["QC_FIELDS", "QC_CSV_COLUMNS", "mask_qc", "image_qc", "count_mismatch", "read_qc_csv",
+           "write_qc_csv", "qc_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,9 @@ QC_FIELDS: tuple[str, ...] = (
     "n_nuclei", "n_cells_without_nucleus", "n_cells_multinucleate", "n_nuclei_outside_cells",
     "check_masks", "qc_note",
 )
+
+#: Columns of ``qc.csv``: the image id, :data:`QC_FIELDS`, then how the mask was made.
+QC_CSV_COLUMNS: tuple[str, ...] = ("image_id",) + QC_FIELDS + ("method", "nucleus_diameter")
 
 #: A count difference up to this many cells is never flagged (mitotic pairs, border slivers).
 MISMATCH_ABS = 2
@@ -175,3 +180,89 @@ def image_qc(image: Any, cells: np.ndarray, *, nucleus_diameter: float | None = 
                          f"got shape {data.shape}")
     nuclei = segment_nuclei_image(data, ClassicalParams(nucleus_diameter=nucleus_diameter))
     return mask_qc(np.asarray(cells), nuclei)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def write_qc_csv(path: str | Path, rows: dict[str, dict[str, Any]]) -> Path:
+    """Write per-image QC rows (``{image_id: mask_qc(...)}``) as a CSV, atomically, sorted by id.
+
+    Columns: :data:`QC_CSV_COLUMNS`; missing values are empty cells, booleans ``true``/``false``.
+    """
+    import csv
+    import io
+
+    from napari_cpgcn.io.tables import atomic_write_text
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(QC_CSV_COLUMNS)
+    for image_id in sorted(rows):
+        row = rows[image_id]
+        w.writerow([image_id] + [_cell(row.get(k)) for k in QC_CSV_COLUMNS[1:]])
+    atomic_write_text(path, buf.getvalue())
+    return Path(path)
+
+
+def _parse(value: str) -> Any:
+    if value == "":
+        return None
+    if value in ("true", "false"):
+        return value == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def read_qc_csv(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a ``qc.csv`` written by :func:`write_qc_csv` (``{}`` when the file does not exist)."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "image_id" not in reader.fieldnames:
+            raise ValueError(f"{path} is not a QC table (no image_id column); delete it to rebuild it")
+        rows = {}
+        for rec in reader:
+            rid = rec.pop("image_id")
+            row = {k: _parse(v) for k, v in rec.items()}
+            row["qc_note"] = rec.get("qc_note") or ""  # free text: never parsed as a number
+            rows[rid] = row
+    return rows
+
+
+def qc_summary(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Folder-level numbers from per-image QC rows: images, cells, border share, flagged ids.
+
+    Returns
+    -------
+    dict
+        ``n_images``, ``n_cells`` (total), ``median_cells`` (per image), ``border_fraction``
+        (of all cells), ``flagged`` (sorted image ids with ``check_masks``), ``empty``
+        (image ids without cells).
+    """
+    counts = [int(r.get("n_cells") or 0) for r in rows.values()]
+    border = sum(int(r.get("n_border_cells") or 0) for r in rows.values())
+    total = sum(counts)
+    return {
+        "n_images": len(rows),
+        "n_cells": total,
+        "median_cells": float(np.median(counts)) if counts else 0.0,
+        "border_fraction": border / total if total else 0.0,
+        "flagged": sorted(i for i, r in rows.items() if r.get("check_masks")),
+        "empty": sorted(i for i, r in rows.items() if not r.get("n_cells")),
+    }
