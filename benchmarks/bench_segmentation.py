@@ -19,9 +19,9 @@ that one job (imports + reading the image + segmenting). Synthetic images run in
 per (code, density) set. "seconds" is the best of ``--repeat`` calls of ``segment_cells``
 (image reading excluded), "CPU s" the process CPU time of that call.
 
-Usage::
+Usage (from the repository root, with this checkout's package first on the path)::
 
-    nice python benchmarks/bench_segmentation.py [--code both|after|before] [--before-ref REV]
+    PYTHONPATH=src nice python benchmarks/bench_segmentation.py [--code both|after|before] [--before-ref REV]
         [--seeds 100-119] [--synth-size 512] [--confluent-density 3] [--repeat 3] [--no-cellpose]
 """
 
@@ -66,9 +66,11 @@ def _timed(data, method: str, params: dict, repeat: int):
 def _row(spec: dict, data, labels, ref, times, cpu, rss_before) -> dict:
     import numpy as np
 
+    import napari_cpgcn
     from napari_cpgcn.evaluation.matching import match_summary
 
     row = {
+        "module": str(Path(napari_cpgcn.__file__).parent),
         "name": spec["name"],
         "code": spec.get("code", "after"),
         "method": spec["method"] + (" (random weights)" if spec["method"] == "cellpose" else ""),
@@ -187,6 +189,9 @@ def _seeds(text: str) -> list[int]:
 def summarise(rows: list[dict]) -> list[str]:
     lines = []
     for code in ("before", "after"):
+        mods = sorted({r["module"] for r in rows if r["code"] == code})
+        if mods:
+            lines.append(f"{code}: code from {', '.join(mods)}")
         mine = [r for r in rows if r["code"] == code and "f1" in r]
         real = [r for r in mine if not r["name"].startswith("synth") and "resized" not in r["name"]]
         if real:
@@ -207,6 +212,43 @@ def summarise(rows: list[dict]) -> list[str]:
     return lines
 
 
+def write_figures(folder: Path, side: int = 768) -> list[Path]:
+    """Overlays of the current classical masks (magenta) on the HPA reference masks (cyan),
+    one PNG per reference image, ``side`` pixels wide."""
+    import numpy as np
+    from PIL import Image
+    from skimage.morphology import dilation, disk
+    from skimage.segmentation import find_boundaries
+
+    from napari_cpgcn.evaluation.matching import match_summary
+    from napari_cpgcn.io.hpa import read_image
+    from napari_cpgcn.segmentation import segment_cells
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for m in sorted(SAMPLES.glob("*_predictedmask.png")):
+        iid = m.name.replace("_predictedmask.png", "")
+        image = read_image(SAMPLES / f"{iid}_blue.png")
+        ref = np.array(Image.open(m))
+        ours = segment_cells(image)
+        d = image.data.astype(np.float32)
+
+        def scaled(p):
+            return np.clip(p / max(float(np.percentile(p, 99.7)), 1e-6), 0, 1)
+
+        rgb = (np.stack([scaled(d[0]), scaled(d[1]), scaled(d[2])], -1) * 255).astype(np.uint8)
+        width = max(1, round(rgb.shape[1] / side))  # lines stay ~1-2 px wide after shrinking
+        rgb[dilation(find_boundaries(ref, mode="inner"), disk(width))] = (0, 255, 255)
+        rgb[dilation(find_boundaries(ours, mode="inner"), disk(width))] = (255, 0, 255)
+        out = Image.fromarray(rgb).resize((side, round(side * rgb.shape[0] / rgb.shape[1])), Image.LANCZOS)
+        s = match_summary(ours, ref)
+        path = folder / f"segmentation_real_{iid[:8]}.png"
+        out.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)  # ~1/3 the bytes
+        print(f"{path}: F1 {s.f1:.3f}, mean IoU {s.mean_iou:.3f}, {s.n_pred} / {s.n_true} cells")
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--job", help=argparse.SUPPRESS)
@@ -222,9 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cellpose", action="store_true", help="skip the random-weight cellpose timing rows")
     ap.add_argument("--no-synth", action="store_true", help="skip the synthetic rows")
     ap.add_argument("--json", help="also write all rows to this JSON file")
+    ap.add_argument("--figures", metavar="DIR",
+                    help="only write overlay PNGs (ours magenta, HPA reference cyan) of the reference images to DIR")
     args = ap.parse_args(argv)
     if args.job:
         print(json.dumps(job(json.loads(args.job))))
+        return 0
+    if args.figures:
+        write_figures(Path(args.figures))
         return 0
 
     refs = sorted(SAMPLES.glob("*_predictedmask.png"))
