@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _weight_server import weight_server  # noqa: F401 - a fixture
 from conftest import KAGGLE2021_IDS
 from PIL import Image
 
@@ -138,19 +139,31 @@ def test_real_images_against_hpa_reference(hpa_samples, image_id):
 # --------------------------------------------------------------------------- cellpose
 
 
-def test_cellpose_missing_weights_fail_fast(tmp_path, monkeypatch):
+@pytest.fixture(autouse=True)
+def _no_internet(monkeypatch):
+    """Every cellpose download in this module goes to a closed port on 127.0.0.1, never out."""
+    monkeypatch.setenv("NAPARI_CPGCN_CELLPOSE_URL", "http://127.0.0.1:9/models")
+
+
+def test_cellpose_missing_weights_offline_fail_fast(tmp_path, monkeypatch):
+    # Changed with on-demand downloads (issue 15): the message no longer says "never
+    # downloaded"; it names the file, the URL that could not be reached and where to put it.
     monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(tmp_path / "models"))
     data, _ = cells_image(shape=(64, 64), centres=[(32, 32)])
     t0 = time.perf_counter()
     with pytest.raises(FileNotFoundError) as err:
         segment_cells(data, method="cellpose", model="cyto3")
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 10
     msg = str(err.value)
-    assert str(tmp_path / "models") in msg and "'cyto3'" in msg and "never downloaded" in msg
+    assert str(tmp_path / "models" / "cyto3") in msg and "'cyto3'" in msg
+    assert "http://127.0.0.1:9/models/cyto3" in msg and "offline" in msg
     with pytest.raises(FileNotFoundError, match="nucleitorch_0"):
         segment_cells(data, method="cellpose", model="nuclei")
     with pytest.raises(FileNotFoundError, match="no such file"):
         segment_cells(data, method="cellpose", model=str(tmp_path / "my_model"))
+    # Downloads switched off: the same advice, without touching the network.
+    with pytest.raises(FileNotFoundError, match="downloads are off"):
+        segment_cells(data, method="cellpose", model="cyto3", download=False)
 
 
 def test_cellpose_weights_lookup(tmp_path, monkeypatch):
@@ -174,12 +187,16 @@ def test_cellpose_cli_missing_weights_exit_1(tmp_path, monkeypatch):
     write_channels(folder, "a", cells_image(shape=(64, 64), centres=[(32, 32)])[0])
     t0 = time.perf_counter()
     assert main(["segment", str(folder), "--out", str(tmp_path / "out"), "--method", "cellpose", "-q"]) == 1
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 10
 
 
 @pytest.mark.slow
-def test_cellpose_runs_with_a_local_random_weight_model(tmp_path):
-    """The whole cellpose path on a model file (random weights: only shape/dtype are checked)."""
+def test_cellpose_runs_with_a_local_random_weight_model(tmp_path, weight_server):  # noqa: F811
+    """The whole cellpose path, the download included (random weights: only shape/dtype are checked).
+
+    The random-weight file is served as ``cyto3`` from 127.0.0.1, fetched into an empty
+    models folder by cellpose's downloader, loaded and run; then the same file by path.
+    """
     from cellpose import models
 
     from napari_cpgcn.segmentation import cellpose_backend
@@ -187,13 +204,20 @@ def test_cellpose_runs_with_a_local_random_weight_model(tmp_path):
     net = models.CellposeModel(gpu=False, pretrained_model=False)
     path = tmp_path / "random_cp3"
     net.net.save_model(str(path))
+    url, requests = weight_server({"cyto3": path.read_bytes()})
     data, _ = cells_image(shape=(96, 128), centres=[(48, 40), (48, 90)], nucleus_r=8, cell_r=20)
+    models_dir = tmp_path / "models"
+    labels = segment_cells(data, method="cellpose", model="cyto3", models_dir=str(models_dir),
+                           url_base=url, diameter=40, gpu=False)
+    assert labels.shape == (96, 128) and labels.dtype == np.uint32
+    assert (models_dir / "cyto3").read_bytes() == path.read_bytes() and requests == ["/cyto3"]
     labels = segment_cells(data, method="cellpose", model=str(path), diameter=40, gpu=False)
     assert labels.shape == (96, 128) and labels.dtype == np.uint32
     # The model object is cached: a second call does not load it again.
     info = cellpose_backend.load_cellpose_model.cache_info()
     segment_cells(data, method="cellpose", model=str(path), diameter=40, gpu=False)
     assert cellpose_backend.load_cellpose_model.cache_info().hits == info.hits + 1
+    assert requests == ["/cyto3"]  # the cached file is used, nothing fetched again
 
 
 # --------------------------------------------------------------------------- folder + CLI
@@ -224,7 +248,8 @@ def test_cli_segments_folder_skips_failures_and_resumes(tmp_path, caplog):
     (folder / "broken_red.png").write_bytes(b"not a png")
     out = tmp_path / "masks"
     assert main(["segment", str(folder), "--out", str(out), "--nucleus-diameter", "20", "-q"]) == 3
-    assert sorted(p.name for p in out.iterdir()) == ["blank.tif", "good.tif"]
+    # The masks, plus (since issue 15) the per-image QC table; the broken image has neither.
+    assert sorted(p.name for p in out.iterdir()) == ["blank.tif", "good.tif", "qc.csv"]
     good = read_mask(out / "good.tif")
     assert good.shape == truth.shape and good.max() == len(CENTRES)
     assert read_mask(out / "blank.tif").max() == 0

@@ -83,7 +83,6 @@ __all__ = [
     "open_client",
     "predict_folder_distributed",
     "segment_folder_distributed",
-    "segment_image_task",
 ]
 
 log = logging.getLogger(__name__)
@@ -724,29 +723,6 @@ def _run_tasks(client, info: ClusterInfo, todo: list[str], input_dir: Path, task
 # Segmentation (``napari-cpgcn segment --cluster``)
 # --------------------------------------------------------------------------------------------
 
-def segment_image_task(folder: str, image_id: str, out_dir: str, method: str,
-                       params: dict[str, Any]) -> dict[str, Any]:
-    """Segment one image into ``OUT/{ID}.tif`` (atomic); the unit of work of a segmentation task.
-
-    The same steps as :func:`napari_cpgcn.segmentation.folder.iter_segment_folder` (read,
-    segment, write), with the same errors reported as a failed image instead of raised.
-    """
-    from napari_cpgcn.io.hpa import read_image
-    from napari_cpgcn.io.masks import write_mask
-    from napari_cpgcn.segmentation import segment_cells
-    from napari_cpgcn.segmentation.folder import mask_path
-
-    t0 = time.perf_counter()
-    try:
-        image = read_image(folder, image_id=image_id)
-        labels = segment_cells(image, method=method, **params)
-        path = write_mask(mask_path(out_dir, image_id), labels)
-    except (OSError, ValueError, RuntimeError, MemoryError) as e:
-        return {"image_id": image_id, "error": f"{type(e).__name__}: {e}"}
-    return {"image_id": image_id, "n_cells": int(labels.max()), "seconds": time.perf_counter() - t0,
-            "path": str(path)}
-
-
 def segment_folder_distributed(
     input_dir: str | Path,
     out_dir: str | Path,
@@ -765,34 +741,20 @@ def segment_folder_distributed(
 ) -> Iterator[Event]:
     """:func:`~napari_cpgcn.segmentation.folder.iter_segment_folder` on a Dask cluster.
 
-    Same arguments (plus the cluster's, as :func:`predict_folder_distributed`), same events and
-    the same ``DONE`` result ``{"done", "skipped", "failed"}``; an image whose worker process
-    died ``max_tries`` times is a failed image.
+    Same arguments (plus the cluster's, as :func:`predict_folder_distributed`), same events, the
+    same ``qc.csv`` and the same ``DONE`` result: one
+    :func:`~napari_cpgcn.segmentation.folder.segment_image` task per image, the bookkeeping of
+    :class:`~napari_cpgcn.segmentation.folder.SegmentRun` on the client. An image whose worker
+    process died ``max_tries`` times is a failed image.
     """
-    from napari_cpgcn.segmentation import check_method
-    from napari_cpgcn.segmentation.folder import mask_path, refuse_input_as_output
+    from napari_cpgcn.segmentation.folder import SegmentRun, segment_image
 
-    check_method(method, **params)  # a typo or missing weights: one error now, not one per image
     if client is None:
         ClusterSpec.parse(cluster)
-    folder = resolve_images_dir(input_dir)
-    ids = list(image_ids) if image_ids is not None else list_image_ids(folder)
-    if not ids:
-        raise FileNotFoundError(
-            f"{input_dir} holds no HPA images: expected files named ID_red.png, ID_green.png, "
-            "ID_blue.png, ID_yellow.png (or .jpg/.tif), or multi-channel TIFFs")
-    out = Path(out_dir)
-    refuse_input_as_output(folder, out)
-    check_writable(out)
-    skipped = [i for i in ids if not overwrite and mask_path(out, i).exists()]
-    skip_set = set(skipped)
-    todo = [i for i in ids if i not in skip_set]
-    yield Event(EventKind.STAGE_START, stage="segment", n_batches=len(todo),
-                message=f"segmenting {len(todo)} images with {method}")
-    done: list[str] = []
-    failed: dict[str, str] = {}
+    run = SegmentRun(input_dir, out_dir, method, params, overwrite=overwrite, image_ids=image_ids)
+    yield run.start()
     k = 0
-    if todo:
+    if run.todo:
         ctx = contextlib.nullcontext((client, ClusterInfo(spec="client"))) if client is not None else \
             open_client(cluster, cluster_config, max_workers, max_tries=max_tries, torch_threads=torch_threads)
         with ctx as (cli, info):
@@ -800,32 +762,18 @@ def segment_folder_distributed(
                 f"; dashboard {info.dashboard}" if info.dashboard else "")
             log.info("%s", msg)
             yield Event(EventKind.LOG, stage="segment", message=msg, path=info.dashboard)
-            args = (str(folder), str(out), method, dict(params))
+            args = (str(run.folder), str(run.out), method, dict(params))
             try:
                 for image_id, res, error in _map_images(
-                        cli, info, todo, segment_image_task, lambda i: (args[0], i, *args[1:]), "cpgcn-segment",
+                        cli, info, run.todo, segment_image, lambda i: (args[0], i, *args[1:]), "cpgcn-segment",
                         should_stop):
                     k += 1
                     if error is not None:
-                        res = {"error": (f"WorkerKilled: the worker process died each of the {max_tries} times "
-                                         "it segmented this image" if type(error).__name__ == "KilledWorker"
-                                         else f"{type(error).__name__}: {error}")}
-                    if "error" in res:
-                        failed[image_id] = res["error"]
-                        log.error("image %s failed: %s", image_id, res["error"])
-                        yield Event(EventKind.ITEM, stage="segment", batch=k, n_batches=len(todo),
-                                    message=f"failed {image_id}: {res['error']}", metrics={"failed": 1.0})
-                        continue
-                    done.append(image_id)
-                    yield Event(EventKind.ITEM, stage="segment", batch=k, n_batches=len(todo), path=res["path"],
-                                message=f"{image_id}: {res['n_cells']} cells",
-                                metrics={"n_cells": float(res["n_cells"]), "seconds": res["seconds"]})
+                        res = {"image_id": image_id, "error": (
+                            f"WorkerKilled: the worker process died each of the {max_tries} times it segmented "
+                            "this image" if type(error).__name__ == "KilledWorker" else f"{type(error).__name__}: {error}")}
+                    yield run.record(res, k)
             except _Stopped:
-                yield Event(EventKind.STOPPED, stage="segment", batch=k, n_batches=len(todo),
-                            message=f"stopped after {k} images",
-                            result={"done": sorted(done), "skipped": skipped, "failed": failed})
+                yield run.stopped(k)
                 return
-    done = [i for i in ids if i in set(done)]  # folder order, as the serial run reports them
-    yield Event(EventKind.DONE, stage="segment",
-                message=f"{len(done)} segmented, {len(skipped)} skipped, {len(failed)} failed",
-                result={"done": done, "skipped": skipped, "failed": failed})
+    yield run.finished()

@@ -42,6 +42,7 @@ from napari_cpgcn.io.atomic import atomic_write, atomic_write_text
 from napari_cpgcn.io.celltable import PREDICTION_COLUMNS
 from napari_cpgcn.io.hpa import HPAImage
 from napari_cpgcn.io.masks import read_mask, write_mask
+from napari_cpgcn.segmentation.qc import mask_qc
 
 __all__ = [
     "CELL_COLUMNS",
@@ -69,9 +70,14 @@ log = logging.getLogger(__name__)
 CELL_COLUMNS: tuple[str, ...] = (*PREDICTION_COLUMNS, "top_classes")
 
 
+#: Quality control of each image's cells (:func:`napari_cpgcn.segmentation.qc.mask_qc`): cells cut
+#: by the border, nuclei found (when the predictor segmented), and ``check_masks`` when the nucleus
+#: and cell counts disagree.
+IMAGE_QC_COLUMNS: tuple[str, ...] = ("n_border_cells", "border_fraction", "n_nuclei", "check_masks", "qc_note")
 #: Image-level CSV columns.
 IMAGE_COLUMNS: tuple[str, ...] = (
     "image_id", "height", "width", "n_cells", "top_classes", *(f"image_{s}" for s in SHORT_NAMES),
+    *IMAGE_QC_COLUMNS,
 )
 
 
@@ -302,12 +308,13 @@ def _cell_part(image_id: str, table, threshold: float):
 
 
 def _image_part(image_id: str, probs: np.ndarray, height: int, width: int, n_cells: int,
-                threshold: float):
+                threshold: float, qc: dict[str, Any]):
     import pandas as pd
 
     row = {"image_id": image_id, "height": height, "width": width, "n_cells": n_cells,
            "top_classes": top_classes(probs, threshold)}
     row.update({f"image_{s}": float(p) for s, p in zip(SHORT_NAMES, probs, strict=True)})
+    row.update({k: qc.get(k) for k in IMAGE_QC_COLUMNS})
     return pd.DataFrame([row], columns=list(IMAGE_COLUMNS))
 
 
@@ -380,8 +387,9 @@ def write_image_outputs(out_dir: str | Path, prediction: Any, options: BatchOpti
         # atomic itself (temporary folder, then rename), before the done marker like the other files
         write_ome_zarr(p["zarr"], image, cells, cell_df, image_probs=prediction.image_probs, overwrite=True)
     _write_csv(p["cells"], cell_df)
+    qc = getattr(prediction, "qc", None) or mask_qc(cells)  # the segmentation's, else the mask's own
     _write_csv(p["image"], _image_part(image_id, np.asarray(prediction.image_probs), height, width,
-                                       len(cell_df), options.top_threshold))
+                                       len(cell_df), options.top_threshold, qc))
     secs = dict(seconds or {})
     extra = getattr(prediction, "timings", None) or getattr(prediction, "seconds", None)
     if isinstance(extra, dict):

@@ -11,9 +11,14 @@ DESCRIPTION = """\
 Segment every HPA image of INPUT_DIR into cells and write OUT_DIR/{ID}.tif: a cell instance
 mask (uint16, or uint32 beyond 65535 cells; 0 = background) at the image's full size.
 
-Methods: classical (default; nucleus-seeded watershed, needs no weights) or cellpose
-(--model cyto3 | nuclei | cpsam | PATH; weights are looked up in $CELLPOSE_LOCAL_MODELS_PATH
-or ~/.cellpose/models and never downloaded).
+Methods: classical (default; nucleus-seeded, valley-following cell territories, needs no
+weights) or cellpose (--model cyto3 | nuclei | cpsam | PATH; weights are looked up in
+$CELLPOSE_LOCAL_MODELS_PATH or ~/.cellpose/models and, when missing, fetched there once by
+cellpose's downloader; offline the run stops within seconds saying where to put the file;
+NAPARI_CPGCN_CELLPOSE_DOWNLOAD=0 forbids downloads, NAPARI_CPGCN_CELLPOSE_URL sets a mirror).
+
+OUT_DIR/qc.csv gets one row per image: cells, the share cut by the border, nuclei, and
+check_masks=true where the nuclei and cell counts disagree; the summary lists those images.
 
 Rerunning skips images that already have a mask (--overwrite redoes them). An image that
 cannot be read or segmented is logged and skipped.
@@ -58,8 +63,7 @@ def register(subparsers) -> None:
     p.add_argument("--method", choices=("classical", "cellpose"), default="classical",
                    help="segmentation method (default classical)")
     p.add_argument("--nucleus-diameter", type=_positive, default=None, metavar="PX",
-                   help="expected nucleus diameter in pixels (default: 0.085 x the image side, "
-                        "~170 px at 2048², ~44 px at 512²)")
+                   help="nucleus diameter in pixels (default: measured on each image's blue channel)")
     p.add_argument("--downscale", type=_downscale, default="auto", metavar="F",
                    help="segment at 1/F resolution and upsample the labels; 'auto' (default) works "
                         "where a nucleus is ~32 px (cellpose: a cell ~60 px); 1 = full resolution")
@@ -116,8 +120,29 @@ def run(args: argparse.Namespace) -> int:
     skipped = result.get("skipped", [])
     log.info("%d images segmented, %d skipped (mask existed), %d failed; masks in %s",
              len(done), len(skipped), len(failed), args.out)
+    _log_qc_summary(args.out)
     if failed:
         for image_id, err in failed.items():
             log.warning("failed: %s: %s", image_id, err)
         return EXIT_FAILURE if not done and not skipped else EXIT_PARTIAL
     return EXIT_OK
+
+
+def _log_qc_summary(out_dir) -> None:
+    """One QC line for the folder (from OUT_DIR/qc.csv), and the images to check."""
+    from napari_cpgcn.segmentation.folder import qc_path
+    from napari_cpgcn.segmentation.qc import qc_summary, read_qc_csv
+
+    try:
+        rows = read_qc_csv(qc_path(out_dir))
+    except (OSError, ValueError) as e:
+        log.warning("QC table unreadable: %s", e)
+        return
+    if not rows:
+        return
+    q = qc_summary(rows)
+    log.info("QC (%s): %d images, %d cells (median %.0f per image), %.0f%% of cells cut by the border, "
+             "%d images without cells, %d flagged", qc_path(out_dir), q["n_images"], q["n_cells"],
+             q["median_cells"], 100 * q["border_fraction"], len(q["empty"]), len(q["flagged"]))
+    for image_id in q["flagged"]:
+        log.warning("check the mask of %s: %s", image_id, rows[image_id].get("qc_note") or "nuclei and cells disagree")

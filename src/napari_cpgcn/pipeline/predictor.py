@@ -74,6 +74,9 @@ class CellPrediction:
     table: pd.DataFrame
     #: Seconds per stage (``segment``, ``image_model``, ``cell_model``) when the predictor timed them.
     timings: dict[str, float] = field(default_factory=dict)
+    #: Quality control of the segmentation (:func:`napari_cpgcn.segmentation.qc.mask_qc` with the
+    #: nuclei) when the predictor segmented; empty for given cells.
+    qc: dict[str, Any] = field(default_factory=dict)
 
     @property
     def cell_probs(self) -> np.ndarray:
@@ -182,11 +185,12 @@ class CPGCNPredictor:
     def segmentation(self) -> str:
         return self.config.segmentation if self.config else "classical"
 
-    def segment(self, data: np.ndarray, method: str, **params: Any) -> np.ndarray:
-        """Cells of one (4, Y, X) image: :func:`napari_cpgcn.segmentation.segment_cells`."""
-        from napari_cpgcn.segmentation import segment_cells
+    def segment(self, data: np.ndarray, method: str, **params: Any):
+        """Cells of one (4, Y, X) image with their quality control
+        (:func:`napari_cpgcn.segmentation.segment_cells_with_qc`; a plain label image also works)."""
+        from napari_cpgcn.segmentation import segment_cells_with_qc
 
-        return segment_cells(data, method=method, **params)
+        return segment_cells_with_qc(data, method=method, **params)
 
     def predict_image(self, data: np.ndarray, with_cams: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Image-level probabilities (19,) and CAMs (19, Y, X) at image size (or None).
@@ -284,13 +288,15 @@ class CPGCNPredictor:
         if data.ndim != 3 or data.shape[0] != 4:
             raise ValueError(f"expected a (4, Y, X) image (red, green, blue, yellow), got shape {data.shape}")
         timings: dict[str, float] = {}
+        qc: dict[str, Any] = {}
         if cells is None:
             method = segmentation or self.segmentation
             params = dict(segmentation_params or (self.config.segmentation_params if self.config
                                                   and method == self.config.segmentation else {}))
             yield f"segmenting cells ({method})"
             t0 = time.perf_counter()
-            cells = self.segment(data, method, **params)
+            seg = self.segment(data, method, **params)
+            cells, qc = (seg.cells, seg.qc) if hasattr(seg, "qc") else (seg, {})
             timings["segment"] = time.perf_counter() - t0
         cells = np.asarray(cells)
         if cells.shape != data.shape[1:]:
@@ -309,7 +315,7 @@ class CPGCNPredictor:
         timings["cell_model"] = time.perf_counter() - t0
         yield "per-cell table"
         pred = CellPrediction.from_parts(iid, cells, image_probs, cell_probs, cams, geo)
-        pred.timings = timings
+        pred.timings, pred.qc = timings, qc
         return pred
 
 

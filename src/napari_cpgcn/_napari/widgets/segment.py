@@ -102,7 +102,7 @@ class SegmentWidget(QWidget):
         self.method_combo.currentTextChanged.connect(self._method_changed)
         form.addRow("Method", self.method_combo)
         self.nucleus_spin = _spin("auto", 2000, suffix=" px")
-        self.nucleus_spin.setToolTip("expected nucleus diameter in pixels (auto: 0.085 x image side)")
+        self.nucleus_spin.setToolTip("expected nucleus diameter in pixels (auto: measured on each image from its blue channel)")
         form.addRow("Nucleus diameter", self.nucleus_spin)
         self.downscale_spin = _spin("auto", 32, decimals=0)
         self.downscale_spin.setToolTip("segment at 1/F resolution, labels upsampled to full size; "
