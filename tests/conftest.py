@@ -67,3 +67,34 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small synthetic data set with per-cell truth (8 images, 96 px), shared by the session."""
+    from napari_cpgcn.synth import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("tiny-data"), 8, size=96, seed=3, heterogeneity=0.5)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_data, tmp_path_factory):
+    """One tiny pipeline run trained on :func:`tiny_data` for the whole session: ``(run, events)``.
+
+    Tests must not modify it (copy it first); training it once instead of once per module keeps
+    CI minutes and disk (checkpoints) down.
+    """
+    import torch
+
+    from napari_cpgcn.pipeline import PipelineConfig, train_pipeline
+
+    run = tmp_path_factory.mktemp("tiny-run") / "run"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # several times faster than 2 oversubscribed threads on a busy CI box
+    try:
+        events = list(train_pipeline(tiny_data / "images", tiny_data / "train.csv", run,
+                                     PipelineConfig.tiny(image_size=64, epochs=1, device="cpu")))
+    finally:
+        torch.set_num_threads(n)
+    return run, events
+

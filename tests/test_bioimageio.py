@@ -29,28 +29,20 @@ from napari_cpgcn.export.bioimageio import (  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+
+
+
+
+
+
 @pytest.fixture(scope="module")
-def synth_data(tmp_path_factory) -> Path:
-    from napari_cpgcn.synth import generate_dataset
-
-    return generate_dataset(tmp_path_factory.mktemp("synth"), 6, size=96, seed=21)
+def synth_data(tiny_data) -> Path:
+    return tiny_data
 
 
 @pytest.fixture(scope="module")
-def trained_run(synth_data, tmp_path_factory) -> Path:
-    from napari_cpgcn import pipeline
-
-    run = tmp_path_factory.mktemp("run") / "run"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in pipeline.train_pipeline(synth_data, synth_data / "train.csv", run,
-                                         pipeline.PipelineConfig.tiny(epochs=1, image_size=64)):
-            pass
-    finally:
-        torch.set_num_threads(n)
-    yield run
-    shutil.rmtree(run, ignore_errors=True)
+def trained_run(tiny_trained) -> Path:
+    return tiny_trained[0]
 
 
 @pytest.fixture(scope="module")

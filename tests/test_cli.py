@@ -82,34 +82,25 @@ def test_predict_bad_usage(tmp_path, hpa_samples):
 
 # ------------------------------------------------------------------------- a real trained run
 
-@pytest.fixture(scope="module")
-def synth_data(tmp_path_factory) -> Path:
-    from napari_cpgcn.synth import generate_dataset
-
-    return generate_dataset(tmp_path_factory.mktemp("synth"), 8, size=96, seed=5)
 
 
-@pytest.fixture(scope="module")
-def trained_run(synth_data, tmp_path_factory) -> Path:
-    import torch
 
-    from napari_cpgcn import pipeline
 
-    run = tmp_path_factory.mktemp("run") / "run"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # several times faster than 2 oversubscribed threads on a busy CI box
-    try:
-        for _ in pipeline.train_pipeline(synth_data, synth_data / "train.csv", run, pipeline.PipelineConfig.tiny()):
-            pass
-    finally:
-        torch.set_num_threads(n)
-    yield run
-    shutil.rmtree(run, ignore_errors=True)  # ~0.5 GB of checkpoints: free the disk for later modules
 
 
 def _predict(inp: Path, run: Path, out: Path, *extra: str) -> int:
     # one torch thread: far faster than two oversubscribed ones on a busy shared CI machine
     return main(["predict", str(inp), "--model", str(run), "--out", str(out), "-q", "--threads", "1", *extra])
+
+
+@pytest.fixture(scope="module")
+def synth_data(tiny_data) -> Path:
+    return tiny_data
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_trained) -> Path:
+    return tiny_trained[0]
 
 
 @pytest.fixture(scope="module")

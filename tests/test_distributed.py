@@ -13,7 +13,6 @@ alone writes checkpoints and that both ranks end with identical weights.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -291,19 +290,13 @@ def test_cli_usage_errors(folder, tmp_path):
 
 # ----------------------------------------------------------------------------- CLI, real trained model
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny trained pipeline and a folder of synthetic images to predict."""
-    from napari_cpgcn import pipeline
-    from napari_cpgcn.synth import generate_dataset
 
-    data = generate_dataset(tmp_path_factory.mktemp("synth"), 8, size=96, seed=3)
-    run = tmp_path_factory.mktemp("run") / "run"
-    cfg = pipeline.PipelineConfig.tiny(epochs=1, image_size=64).with_device("cpu")
-    for _ in pipeline.train_pipeline(data, data / "train.csv", run, cfg):
-        pass
-    yield run, data
-    shutil.rmtree(run, ignore_errors=True)  # checkpoints: free the disk for later modules
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_trained, tiny_data) -> tuple[Path, Path]:
+    """A tiny trained pipeline and a folder of synthetic images to predict."""
+    return tiny_trained[0], tiny_data
 
 
 @pytest.mark.slow

@@ -16,12 +16,13 @@ from napari_cpgcn.io.celltable import PREDICTION_COLUMNS  # noqa
 
 
 @pytest.fixture(scope="module")
-def synth_data(tmp_path_factory):
-    from napari_cpgcn.synth import generate_dataset
+def synth_data(tiny_data):
+    return tiny_data
 
-    out = tmp_path_factory.mktemp("synth")
-    generate_dataset(out, 8, size=96, seed=3, heterogeneity=0.5)
-    return out
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_trained):
+    return tiny_trained
 
 
 def _tiny():
@@ -34,15 +35,7 @@ def _drain(events):
     return list(events)
 
 
-@pytest.fixture(scope="module")
-def trained_run(synth_data, tmp_path_factory):
-    from napari_cpgcn.pipeline import train_pipeline
 
-    torch.set_num_threads(1)
-    run = tmp_path_factory.mktemp("run")
-    events = _drain(train_pipeline(synth_data / "images", synth_data / "train.csv", run, _tiny()))
-    yield run, events
-    shutil.rmtree(run, ignore_errors=True)  # checkpoints: free the disk for later modules
 
 
 def test_train_pipeline_stages_and_outputs(trained_run):

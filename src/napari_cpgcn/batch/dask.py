@@ -66,7 +66,7 @@ from napari_cpgcn.batch.outputs import (
 )
 from napari_cpgcn.events import Event, EventKind, ShouldStop
 from napari_cpgcn.io.atomic import check_writable
-from napari_cpgcn.io.hpa import list_image_ids, resolve_images_dir
+from napari_cpgcn.io.hpa import folder_image_ids
 from napari_cpgcn.pipeline.predictor import model_fingerprint, resolve_model_path
 
 __all__ = [
@@ -566,13 +566,8 @@ def predict_folder_distributed(
     """
     t_start = time.perf_counter()
     options = options or BatchOptions()
-    input_dir = resolve_images_dir(input_dir)
+    input_dir, ids = folder_image_ids(input_dir, image_ids)
     out = Path(out_dir)
-    ids = sorted(image_ids) if image_ids is not None else list_image_ids(input_dir)
-    if not ids:
-        raise FileNotFoundError(
-            f"{input_dir} holds no HPA images: expected files named ID_red.png, ID_green.png, "
-            "ID_blue.png, ID_yellow.png (or .jpg/.tif), or multi-channel TIFFs.")
     if client is None:
         ClusterSpec.parse(cluster)  # bad specs fail before anything is written
     is_path = isinstance(model, (str, Path))

@@ -43,7 +43,11 @@ from napari_cpgcn.batch.outputs import (
 )
 from napari_cpgcn.events import Event, EventKind, ShouldStop
 from napari_cpgcn.io.atomic import check_writable, remove_stale_temp_files
-from napari_cpgcn.io.hpa import HPAImage, list_image_ids, read_image, resolve_images_dir
+from napari_cpgcn.io.hpa import (
+    HPAImage,
+    folder_image_ids,
+    read_image,
+)
 from napari_cpgcn.pipeline.predictor import load_predictor, model_fingerprint, segmentation_of
 
 __all__ = [
@@ -158,14 +162,8 @@ def predict_folder(input_dir: str | Path, model: str | Path | Any, out_dir: str 
     """
     t_start = time.perf_counter()
     options = options or BatchOptions()
-    input_dir = resolve_images_dir(input_dir)
+    input_dir, ids = folder_image_ids(input_dir, image_ids)
     out = Path(out_dir)
-    ids = sorted(image_ids) if image_ids is not None else list_image_ids(input_dir)
-    if not ids:
-        raise FileNotFoundError(
-            f"{input_dir} holds no HPA images: expected files named ID_red.png, ID_green.png, "
-            "ID_blue.png, ID_yellow.png (or .jpg/.tif), or multi-channel TIFFs."
-        )
     check_writable(out)
     remove_stale_temp_files(out, out / "parts", out / "masks", out / "cams")
     fingerprint = model_fingerprint(model)

@@ -33,6 +33,8 @@ __all__ = [
     "HPAImage",
     "ImageIndex",
     "image_index",
+    "folder_image_ids",
+    "NoImagesError",
     "HPAImageError",
     "CHANNEL_FILE_RE",
     "parse_channel_filename",
@@ -326,6 +328,36 @@ def image_index(folder: str | Path) -> ImageIndex:
     return ImageIndex.of(resolve_images_dir(folder))
 
 
+class NoImagesError(FileNotFoundError):
+    """A folder with no HPA image in it; the message says what the files must be called."""
+
+    def __init__(self, folder: str | Path) -> None:
+        index = ImageIndex.of(folder) if Path(folder).is_dir() else None
+        hint = ""
+        if index is not None and index.skipped:
+            name, why = next(iter(index.skipped.items()))
+            hint = f" ({len(index.skipped)} file(s) there are not read, e.g. {name}: {why})"
+        super().__init__(
+            f"{folder} holds no HPA images: expected files named ID_red.png, ID_green.png, "
+            f"ID_blue.png, ID_yellow.png (or .jpg/.tif), or multi-channel TIFFs{hint}.")
+
+
+def folder_image_ids(folder: str | Path, image_ids=None) -> tuple[Path, list[str]]:
+    """The images folder of ``folder`` and the ids to work on (``image_ids`` sorted, else every
+    image there); what every folder run starts with.
+
+    Raises
+    ------
+    NoImagesError
+        When there is none.
+    """
+    images_dir = resolve_images_dir(folder)
+    ids = sorted(image_ids) if image_ids is not None else list_image_ids(images_dir)
+    if not ids:
+        raise NoImagesError(images_dir)
+    return images_dir, ids
+
+
 def list_image_ids(folder: str | Path, complete_only: bool = False) -> list[str]:
     """Sorted image ids in a folder: channel-file sets plus multi-channel TIFFs.
 
@@ -592,10 +624,7 @@ def read_image(
         if image_id is None:
             ids = index.all_ids()
             if not ids:
-                raise FileNotFoundError(
-                    f"{path} holds no HPA images: expected files named ID_red.png, ID_green.png, "
-                    "ID_blue.png, ID_yellow.png (or .jpg/.tif), or multi-channel TIFFs."
-                )
+                raise NoImagesError(index.folder)
             if len(ids) > 1:
                 raise HPAImageError(
                     f"{path} holds {len(ids)} images ({', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''}); "

@@ -87,18 +87,13 @@ class SegmentRun:
 
     def __init__(self, input_dir: str | Path, out_dir: str | Path, method: str, params: dict[str, Any], *,
                  overwrite: bool = False, image_ids: list[str] | None = None) -> None:
-        from napari_cpgcn.io.hpa import list_image_ids, resolve_images_dir
+        from napari_cpgcn.io.hpa import folder_image_ids
         from napari_cpgcn.segmentation import check_method
         from napari_cpgcn.segmentation.qc import read_qc_csv
 
         check_method(method, **params)  # a typo or missing weights (fetched if absent): one error now
         self.method, self.params = method, dict(params)
-        self.folder = resolve_images_dir(input_dir)
-        self.ids = list(image_ids) if image_ids is not None else list_image_ids(self.folder)
-        if not self.ids:
-            raise FileNotFoundError(
-                f"{input_dir} holds no HPA images: expected files named ID_red.png, ID_green.png, "
-                "ID_blue.png, ID_yellow.png (or .jpg/.tif), or multi-channel TIFFs")
+        self.folder, self.ids = folder_image_ids(input_dir, image_ids)
         self.out = Path(out_dir)
         refuse_input_as_output(self.folder, self.out)
         check_writable(self.out)
