@@ -22,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -109,7 +110,10 @@ def worker(args: argparse.Namespace) -> None:
     tag += (f"_res{args.gcn_residual_std:g}" if args.gcn_residual_std else "_res") if args.gcn_residual else ""
     tag += "_learnv" if args.gcn_learn_inputs else ""
     tag += f"_os{args.output_stride}" if args.output_stride != 32 else ""
-    tag += f"_pt{Path(args.init_from).parent.name.split('_n')[1].split('_')[0]}" if args.init_from else ""
+    if args.init_from:  # the stand-in's image count, or a short hash of another start (e.g. a pretrain folder)
+        parent = Path(args.init_from).parent.name
+        tag += (f"_pt{parent.split('_n')[1].split('_')[0]}" if parent.startswith("pretrain_cnn_n")
+                else "_init" + hashlib.sha1(str(Path(args.init_from).resolve()).encode()).hexdigest()[:8])
     tag += f"_e{args.epochs}_n{train_dir.name.split('_')[1][1:]}"
     run = Path(args.work) / "runs" / f"{args.variant.replace('+', '_')}_seed{args.seed}{tag}"
     cfg = ImageModelConfig(
@@ -215,7 +219,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--train-dir", help=argparse.SUPPRESS)
     ap.add_argument("--test-dir", help=argparse.SUPPRESS)
-    ap.add_argument("--init-from", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--init-from", default="",
+                    help="start every variant's backbone from this checkpoint or folder (e.g. a `napari-cpgcn "
+                         "pretrain` folder) instead of --pretrain-n")
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -225,7 +231,8 @@ def main() -> int:
     t_start = time.perf_counter()
     if not args.resnet50_only:
         train_dir, test_dir = make_data(work, args)
-        init_from = str(pretrain(work, args)) if args.pretrain_n > 0 else ""
+        init_from = (str(Path(args.init_from).resolve()) if args.init_from
+                     else str(pretrain(work, args)) if args.pretrain_n > 0 else "")
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         variants = [v for v in args.variants.split(",") if v]
         results: dict[str, list[dict]] = {v: [] for v in variants}
@@ -252,7 +259,8 @@ def main() -> int:
             for (v, _), r in zip(jobs, pool.map(lambda job: run_one(*job), jobs), strict=True):
                 results[v].append(r)
         print()
-        start = (f"backbone pretrained as cnn on {args.pretrain_n} other synthetic images for "
+        start = (f"backbone from {args.init_from}" if args.init_from else
+                 f"backbone pretrained as cnn on {args.pretrain_n} other synthetic images for "
                  f"{args.pretrain_epochs} epochs" if args.pretrain_n else "from scratch")
         print(f"Image-level ablation: {args.backbone} {start}, {args.image_size}² input, "
               f"output stride {args.output_stride}, {args.epochs} epochs, batch {args.batch_size}, Adam {args.lr}, focal loss, CPM {args.cpm_norm}, GCN lr x{args.gcn_lr_scale}, GCN centred {bool(args.gcn_center)}, "

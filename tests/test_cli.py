@@ -230,13 +230,19 @@ def test_every_image_failing_is_a_failure(trained_run, tmp_path):
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--n-train", "6", "--n-test", "2", "--size", "96", "--epochs", "1",
-            "--threads", "1", "-q"]
+            "--pretrain-epochs", "2", "--threads", "1", "-q"]
     assert main(args) == EXIT_OK
     printed = capsys.readouterr().out
-    assert "image-level mAP" in printed and "cell-level mAP" in printed
+    assert "image-level mAP" in printed and "cell-level mAP" in printed and "image model alone" in printed
     scores = json.loads((out / "demo.json").read_text())
-    for key in ("image_map", "cell_map", "cell_map_cell_model_only", "cell_map_image_model_only"):
+    for key in ("image_map", "cell_map", "cell_map_product", "cell_map_cell_model_only", "cell_map_image_model_only"):
         assert 0.0 <= scores[key] <= 1.0, key
+    # the run started from the self-supervised backbone, and records the fusion it was scored with
+    assert scores["start"] == "self-supervised (pretrain stage)"
+    assert (out / "run" / "pretrain" / "backbone.pt").is_file()
+    assert json.loads((out / "run" / "config.json").read_text())["cell"]["init_from"] == str(
+        (out / "run" / "pretrain").resolve())
+    assert json.loads((out / "run" / "fusion.json").read_text())["method"] == scores["fusion"]
     cells = pd.read_csv(out / "predictions" / "cells.csv")
     assert len(cells) == scores["n_predicted_cells"] > 0
     assert cells.image_id.nunique() == 2

@@ -440,7 +440,7 @@ def test_torchrun_whole_pipeline_console_script(tiny_labelled, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-5000:]
     stages = json.loads((run / "stages.json").read_text())["finished"]
-    assert list(stages) == ["image_model", "refine", "segmentation", "pseudolabels", "cell_model"]
+    assert list(stages) == ["image_model", "refine", "segmentation", "pseudolabels", "cell_model", "fusion"]
     assert len(list((run / "segmentation").glob("*.tif"))) == 10  # both ranks' slices
     log_text = (run / "train.log").read_text()
     assert "rank 0 of 2" in log_text and "rank 1 of 2" not in log_text

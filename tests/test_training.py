@@ -291,9 +291,9 @@ def test_load_image_model_and_predict(trained, tiny):
     run, _ = trained
     model, cfg = load_image_model(run, "cpu")
     assert cfg.variant == "cpgcn" and model.image_size == 64
-    from napari_cpgcn.training.datasets import ImageIndex
+    from napari_cpgcn.io.hpa import image_index
 
-    index = ImageIndex(tiny[0])
+    index = image_index(tiny[0])
     imgs = [index.read(i) for i in index.ids[:3]]
     probs, cams = predict_images(model, imgs, batch_size=2)
     assert probs.shape == (3, N_CLASSES) and cams.shape == (3, N_CLASSES, 64, 64)

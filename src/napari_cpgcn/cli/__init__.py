@@ -31,6 +31,7 @@ EXIT_INTERRUPTED = 130
 SUBCOMMANDS: list[str] = [
     "_synth",
     "_segment",
+    "_pretrain",
     "_train_image",
     "_train",
     "_predict",

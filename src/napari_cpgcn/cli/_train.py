@@ -22,7 +22,7 @@ from napari_cpgcn.cli._training import (
     run_training,
     start_training_run,
 )
-from napari_cpgcn.pipeline.config import PRESETS
+from napari_cpgcn.pipeline.config import FUSIONS, PRESETS
 
 log = logging.getLogger("napari_cpgcn.cli.train")
 
@@ -71,6 +71,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cell-mode", choices=["pseudo", "baseline"], default=None,
                    help="cell model targets: pseudo-labels (default) or image labels copied to every cell")
     p.add_argument("--pseudo-threshold", type=float, default=None, help="pseudo-label score threshold (default 0.5)")
+    p.add_argument("--pretrain", action="store_true",
+                   help="first pretrain the backbone self-supervised on the labelled images (stage 'pretrain', "
+                        "no labels used, no download; RUN_DIR/pretrain), and start both models from it "
+                        "(docs/pretraining.md)")
+    p.add_argument("--pretrain-epochs", type=int, default=None, metavar="N",
+                   help="epochs of the --pretrain stage (default 100)")
+    p.add_argument("--pretrain-views", choices=("cells", "tiles", "both"), default=None,
+                   help="what the --pretrain stage learns from: cell crops (default), tiles of the field, or both")
+    p.add_argument("--fusion", choices=FUSIONS, default=None,
+                   help="how the image and cell scores become the fused one: product (the paper, default), "
+                        "auto (chosen on the validation images), or one option (docs/cell_pipeline.md)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
                    help="continue the run in RUN_DIR with its saved settings (what a plain rerun does too); "
@@ -139,6 +150,17 @@ def build_config(args: argparse.Namespace):
         cfg = dataclasses.replace(cfg, **changes)
         if args.init_from is not None:
             cfg = cfg.starting_from(init_from(args.init_from))
+        if args.fusion:
+            cfg = dataclasses.replace(cfg, fusion=args.fusion)
+        if args.pretrain or args.pretrain_epochs or args.pretrain_views:
+            from napari_cpgcn.training.pretrain import PretrainConfig
+
+            base = cfg.pretrain or PretrainConfig(views="cells")
+            cfg = dataclasses.replace(cfg, pretrain=base.replace(
+                backbone=cfg.image.backbone, image_size=cfg.image.image_size, crop_size=cfg.cell.crop_size,
+                device=cfg.image.device, seed=cfg.image.seed,
+                **({"epochs": args.pretrain_epochs} if args.pretrain_epochs else {}),
+                **({"views": args.pretrain_views} if args.pretrain_views else {})))
         cfg.validate()
         return cfg
     except (ConfigError, CheckpointError, TypeError, ValueError, FileNotFoundError) as e:

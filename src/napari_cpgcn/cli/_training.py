@@ -44,9 +44,9 @@ def add_training_arguments(
     metavar, weights_help = imagenet_weights
     p.add_argument("--imagenet-weights", default=None, metavar=metavar, help=weights_help)
     p.add_argument("--init-from", default=None, metavar="RUN_OR_CKPT",
-                   help="fine-tune: start the backbone(s) from an earlier napari-cpgcn run folder, "
-                        "checkpoint or bioimage.io package (export-bioimageio) with the same backbone "
-                        "(heads start fresh); 'none' clears it")
+                   help="fine-tune: start the backbone(s) from an earlier napari-cpgcn run folder, a "
+                        "`napari-cpgcn pretrain` folder, a checkpoint or a bioimage.io package "
+                        "(export-bioimageio) with the same backbone (heads start fresh); 'none' clears it")
     p.add_argument("--device", default=None, help="auto (cuda, mps, cpu), cuda, cuda:N, mps or cpu")
     p.add_argument("--seed", type=int, default=None, help=seed)
     p.add_argument("--workers", type=int, default=None, help=workers)
@@ -73,8 +73,8 @@ def init_from(text: str) -> str | None:
         return None
     path = Path(text).expanduser()
     if not path.exists():
-        raise UsageError(f"--init-from {text} does not exist: give a finished run folder, a .pt checkpoint "
-                         "or a bioimage.io .zip package")
+        raise UsageError(f"--init-from {text} does not exist: give a finished run or pretraining folder, a .pt "
+                         "checkpoint or a bioimage.io .zip package")
     return str(path.resolve())  # stored in config.json: resumable from any working directory
 
 

@@ -487,12 +487,15 @@ def _add_image(accs: Mapping[str, CellAPAccumulator], truth: CellTruth, image_id
 
 
 def evaluate_prediction_folder(pred_dir: str | Path, truth: CellTruth, image_ids: Iterable[str] | None = None,
-                               iou_threshold: float = KAGGLE_IOU) -> dict[str, CellMAPResult]:
+                               iou_threshold: float = KAGGLE_IOU, extra_scores: Mapping | None = None
+                               ) -> dict[str, CellMAPResult]:
     """Kaggle cell-level mAP of a finished ``napari-cpgcn predict`` folder (``cells.csv`` +
     ``masks/``) against cell truth, for the fused, cell-model and image-model scores.
 
     ``image_ids`` default: every image of the truth; an image without a prediction counts its
-    true cells as missed.
+    true cells as missed. ``extra_scores``: ``{name: f(table) -> (n, 19) scores}`` evaluated too
+    (e.g. the paper's product ``image × cell`` when the run fuses otherwise), given the
+    ``{name}_S`` columns they produce.
     """
     import pandas as pd
 
@@ -501,7 +504,8 @@ def evaluate_prediction_folder(pred_dir: str | Path, truth: CellTruth, image_ids
     pred_dir = Path(pred_dir)
     cells = pd.read_csv(pred_dir / "cells.csv")
     by_image = dict(tuple(cells.groupby("image_id", sort=False)))
-    accs = {k: CellAPAccumulator(iou_threshold=iou_threshold) for k in SCORE_KINDS}
+    extra = dict(extra_scores or {})
+    accs = {k: CellAPAccumulator(iou_threshold=iou_threshold) for k in (*SCORE_KINDS, *extra)}
     for iid in (list(image_ids) if image_ids is not None else truth.image_ids):
         tmask = truth.mask(iid)
         mask_file = pred_dir / "masks" / f"{iid}.tif"
@@ -510,5 +514,11 @@ def evaluate_prediction_folder(pred_dir: str | Path, truth: CellTruth, image_ids
             rows, pmask = cells.iloc[:0], np.zeros_like(tmask)
         else:
             pmask = read_mask(mask_file)
+        if extra:
+            rows = rows.copy()
+            for name, f in extra.items():
+                scores = np.asarray(f(rows), dtype=np.float64).reshape(len(rows), N_CLASSES)
+                for k, short in enumerate(SHORT_NAMES):
+                    rows[f"{name}_{short}"] = scores[:, k]
         _add_image(accs, truth, iid, pmask, rows, tmask)
     return {k: acc.result() for k, acc in accs.items()}

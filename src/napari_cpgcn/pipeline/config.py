@@ -20,12 +20,18 @@ from napari_cpgcn.training.config import PseudoLabelConfig
 __all__ = [
     "STAGES",
     "PipelineConfig",
+    "FUSIONS",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Pipeline stages in order.
-STAGES: tuple[str, ...] = ("image_model", "refine", "segmentation", "pseudolabels", "cell_model")
+STAGES: tuple[str, ...] = ("pretrain", "image_model", "refine", "segmentation", "pseudolabels", "cell_model", "fusion")
+#: Stages that are off unless asked for (a run without them keeps the keys it always had).
+OPTIONAL_STAGES: tuple[str, ...] = ("pretrain",)
+#: How the image and cell probabilities become one score (:mod:`napari_cpgcn.pipeline.fusion`);
+#: ``auto`` chooses among them on the run's validation images.
+FUSIONS: tuple[str, ...] = ("product", "auto", "geometric", "logistic", "image", "cell")
 
 
 def _image_config(**kw):
@@ -38,6 +44,14 @@ def _refine_config(**kw):
     from napari_cpgcn.training.subcategory import RefineConfig
 
     return RefineConfig(**kw)
+
+
+def _pretrain_config(d):
+    if not d:
+        return None
+    from napari_cpgcn.training.pretrain import PretrainConfig
+
+    return PretrainConfig.from_dict(d)
 
 
 def _cell_config(**kw):
@@ -82,6 +96,14 @@ class PipelineConfig:
     cell
         :class:`~napari_cpgcn.training.cell_trainer.CellModelConfig` (ResNet50, 20 epochs,
         batch 32; ``mode="baseline"`` trains on image labels instead of pseudo-labels).
+    pretrain
+        A :class:`~napari_cpgcn.training.pretrain.PretrainConfig`: the ``pretrain`` stage
+        trains the backbone self-supervised on the training folder first, and the image and cell
+        models start from it (``RUN/pretrain/``); None (default): no such stage.
+    fusion
+        One of :data:`FUSIONS`: ``product`` (the paper, default), ``auto`` (chosen on the
+        validation images), or a fixed option; the ``fusion`` stage writes ``RUN/fusion.json``,
+        which the predictor applies.
     """
 
     image: Any = field(default_factory=_image_config)
@@ -93,6 +115,8 @@ class PipelineConfig:
     cam_method: str = "model"
     use_oaa: bool = True
     cell: Any = field(default_factory=_cell_config)
+    pretrain: Any = None
+    fusion: str = "product"
 
     @classmethod
     def paper(cls) -> PipelineConfig:
@@ -157,7 +181,8 @@ class PipelineConfig:
         """The same settings on another device (``auto``, ``cpu``, ``cuda``, ``mps``)."""
         return dataclasses.replace(
             self, image=self.image.replace(device=device), refine=self.refine.replace(device=device),
-            cell=self.cell.replace(device=device))
+            cell=self.cell.replace(device=device),
+            pretrain=self.pretrain.replace(device=device) if self.pretrain is not None else None)
 
     def validate(self) -> None:
         """Raise a ``ConfigError`` / ``ValueError`` naming the bad field."""
@@ -168,6 +193,13 @@ class PipelineConfig:
             raise ValueError(f"cam_method must be 'model', 'score' or 'gradcam', got {self.cam_method!r}")
         if tuple(self.cell.classes) != tuple(self.image.classes):
             raise ValueError("the cell model and the image model must use the same classes")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if self.pretrain is not None:
+            self.pretrain.validate()
+            if self.pretrain.backbone != self.image.backbone:
+                raise ValueError(f"the pretrain stage trains a {self.pretrain.backbone} backbone but the image "
+                                 f"model uses {self.image.backbone}; give both the same backbone")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -180,6 +212,8 @@ class PipelineConfig:
             "cam_method": self.cam_method,
             "use_oaa": self.use_oaa,
             "cell": self.cell.to_dict(),
+            "pretrain": self.pretrain.to_dict() if self.pretrain is not None else None,
+            "fusion": self.fusion,
         }
 
     @classmethod
@@ -199,6 +233,8 @@ class PipelineConfig:
             cam_method=d.get("cam_method", base.cam_method),
             use_oaa=bool(d.get("use_oaa", True)),
             cell=CellModelConfig.from_dict(d["cell"]) if "cell" in d else base.cell,
+            pretrain=_pretrain_config(d.get("pretrain")),
+            fusion=d.get("fusion", base.fusion),
         )
 
     def save(self, path: str | Path) -> None:
@@ -211,6 +247,10 @@ class PipelineConfig:
             return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e}); fix or delete it") from e
+
+    def active_stages(self) -> tuple[str, ...]:
+        """The stages this config trains, in order (the optional ``pretrain`` only when set)."""
+        return tuple(s for s in STAGES if s not in OPTIONAL_STAGES or getattr(self, s) is not None)
 
     def stage_settings(self, stage: str) -> dict[str, Any]:
         """The settings that decide a stage's output (device and worker counts excluded)."""
@@ -229,4 +269,8 @@ class PipelineConfig:
             return {"pseudo": self.pseudo.to_dict(), "cam_method": self.cam_method, "use_oaa": self.use_oaa}
         if stage == "cell_model":
             return strip(self.cell.to_dict())
+        if stage == "pretrain":
+            return self.pretrain.stage_settings() if self.pretrain is not None else {}
+        if stage == "fusion":
+            return {"fusion": self.fusion}
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")

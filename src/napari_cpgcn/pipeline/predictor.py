@@ -88,9 +88,11 @@ class CellPrediction:
 
     @classmethod
     def from_parts(cls, image_id: str, cells: np.ndarray, image_probs: np.ndarray, cell_probs: np.ndarray,
-                   cams: np.ndarray | None = None, geometry: pd.DataFrame | None = None) -> CellPrediction:
+                   cams: np.ndarray | None = None, geometry: pd.DataFrame | None = None,
+                   fusion=None) -> CellPrediction:
         """Assemble a prediction from its parts: the per-cell table (geometry, ``top_class``, image,
-        cell and fused columns) is built here, the one place that does it."""
+        cell and fused columns) is built here, the one place that does it. ``fusion`` is a
+        :class:`~napari_cpgcn.pipeline.fusion.FusionParams` (None: the paper's product)."""
         from napari_cpgcn.io.celltable import cell_geometry
 
         cells = np.asarray(cells).astype(np.uint32, copy=False)
@@ -98,7 +100,12 @@ class CellPrediction:
         image_probs = np.asarray(image_probs, np.float32).reshape(N_CLASSES)
         n = len(geo)
         cell_probs = np.asarray(cell_probs, np.float32).reshape(n, N_CLASSES)
-        fused = fuse(image_probs, cell_probs)
+        if fusion is None or fusion.method == "product":
+            fused = fuse(image_probs, cell_probs)
+        else:
+            from napari_cpgcn.pipeline import fusion as fusions
+
+            fused = np.asarray(fusions.fuse(image_probs, cell_probs, params=fusion), np.float32).reshape(n, N_CLASSES)
         cols: dict[str, Any] = {"top_class": [SHORT_NAMES[int(k)] for k in fused.argmax(1)] if n else []}
         for prefix, arr in (("image_", np.repeat(image_probs[None], n, 0)), ("cell_", cell_probs),
                             ("fused_", fused)):
@@ -147,7 +154,8 @@ class CPGCNPredictor:
     """
 
     def __init__(self, image_model, image_config, cell_model, cell_config, device, *,
-                 run_dir: str | Path | None = None, config: PipelineConfig | None = None) -> None:
+                 run_dir: str | Path | None = None, config: PipelineConfig | None = None,
+                 fusion=None) -> None:
         self.image_model = image_model
         self.image_config = image_config
         self.cell_model = cell_model
@@ -155,6 +163,8 @@ class CPGCNPredictor:
         self.device = device
         self.run_dir = Path(run_dir) if run_dir else None
         self.config = config
+        #: How the fused scores are made (the run's ``fusion.json``; None: the paper's product).
+        self.fusion = fusion
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", *, image_checkpoint: str | Path | None = None,
@@ -179,7 +189,12 @@ class CPGCNPredictor:
         config = PipelineConfig.load(run / "config.json") if (run / "config.json").is_file() else None
         if list(ccfg.classes) != list(icfg.classes):
             raise ValueError(f"{run}: the image and cell models were trained on different classes")
-        return cls(image_model, icfg, cell_model, ccfg, dev, run_dir=run, config=config)
+        fusion = None
+        if (run / "fusion.json").is_file():
+            from napari_cpgcn.pipeline.fusion import FusionParams
+
+            fusion = FusionParams.load(run / "fusion.json")
+        return cls(image_model, icfg, cell_model, ccfg, dev, run_dir=run, config=config, fusion=fusion)
 
     @property
     def segmentation(self) -> str:
@@ -314,7 +329,7 @@ class CPGCNPredictor:
         cell_probs = self.predict_cells(data, cells, geo)
         timings["cell_model"] = time.perf_counter() - t0
         yield "per-cell table"
-        pred = CellPrediction.from_parts(iid, cells, image_probs, cell_probs, cams, geo)
+        pred = CellPrediction.from_parts(iid, cells, image_probs, cell_probs, cams, geo, fusion=self.fusion)
         pred.timings, pred.qc = timings, qc
         return pred
 
@@ -426,7 +441,7 @@ def model_fingerprint(model: str | Path | Any) -> str:
         if f.suffix in (".pt", ".pth", ".safetensors") and f.is_file():
             st = f.stat()
             h.update(f"{f.relative_to(run)}:{st.st_size}:{st.st_mtime_ns}".encode())
-        elif f.name == "config.json" and f.is_file():
+        elif f.name in ("config.json", "fusion.json") and f.is_file():
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
 

@@ -17,6 +17,7 @@ No Qt; torch is imported when a stage needs it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -43,9 +44,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 def _stage_keys(config: PipelineConfig) -> dict[str, str]:
+    """Each active stage's key: its settings chained with the keys of the stages before it
+    (an inactive optional stage is left out, so runs made before it existed keep their keys)."""
     keys: dict[str, str] = {}
     prev = ""
-    for s in STAGES:
+    for s in config.active_stages():
         blob = json.dumps(config.stage_settings(s), sort_keys=True, default=str)
         prev = hashlib.sha1((prev + s + blob).encode()).hexdigest()[:16]
         keys[s] = prev
@@ -104,7 +107,7 @@ def changed_settings(run_dir: str | Path, config: PipelineConfig) -> dict[str, l
     keys = _stage_keys(config)
     out: dict[str, list[str]] = {}
     for stage in STAGES:
-        if stage not in done or done[stage].get("key") == keys[stage]:
+        if stage not in done or done[stage].get("key") == keys.get(stage):
             continue
         a, b = _flat(old.stage_settings(stage)), _flat(config.stage_settings(stage))
         diffs = [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
@@ -153,11 +156,13 @@ def _mark_finished(run: Path, stage: str, key: str, seconds: float) -> None:
 
 #: What each stage writes (relative to RUN); caches that are keyed by content are kept on a redo.
 _STAGE_OUTPUTS = {
+    "pretrain": ("pretrain", ("cache", "cells")),
     "image_model": ("image_model", ("cache",)),
     "refine": ("refine", ("cache",)),
     "segmentation": ("segmentation", ()),
     "pseudolabels": ("pseudolabels.csv", ()),
     "cell_model": ("cell_model", ("crops",)),
+    "fusion": ("fusion.json", ()),
 }
 
 
@@ -298,6 +303,60 @@ def _stage_pseudolabels(data_dir, table, run: Path, config: PipelineConfig, shou
                         f"{100 * s.get('negative_fraction', 0):.0f}% Negative")
 
 
+def _with_pretrain_start(config: PipelineConfig, run: Path) -> PipelineConfig:
+    """With a ``pretrain`` stage, the image model (and the cell model, when its backbone is the
+    same) start from its output ``RUN/pretrain``; another start at the same time is refused."""
+    if config.pretrain is None:
+        return config
+    src = str((run / "pretrain").resolve())
+    for name, cfg in (("image", config.image), ("cell", config.cell)):
+        if cfg.init_from not in (None, src):
+            raise ValueError(f"the {name} model starts from {cfg.init_from} and from the pretrain stage: "
+                             "choose one (leave out --init-from, or --pretrain)")
+    image = config.image.replace(init_from=src)
+    cell = config.cell
+    if cell.backbone == config.pretrain.backbone:
+        cell = cell.replace(init_from=src)
+    else:
+        log.info("the cell model's backbone (%s) is not the pretrained one (%s): it starts as configured",
+                 cell.backbone, config.pretrain.backbone)
+    return dataclasses.replace(config, image=image, cell=cell)
+
+
+def _stage_fusion(data_dir, run: Path, config: PipelineConfig) -> Iterator[Event]:
+    """``RUN/fusion.json``: the fusion the predictor applies (chosen or fitted on the image
+    model's validation images, whose cells neither model trained on, for the learned options)."""
+    from napari_cpgcn.pipeline.fusion import (
+        FusionParams,
+        fit_fusion,
+        select_fusion,
+        validation_cells,
+    )
+
+    stage = "fusion"
+    method = config.fusion
+    if method in ("product", "image", "cell"):
+        params = FusionParams(method)
+    else:
+        from napari_cpgcn.pipeline.predictor import CPGCNPredictor
+
+        predictor = CPGCNPredictor.from_run(run, device=config.cell.device)
+        image_p, cell_p, targets, groups = validation_cells(predictor, run, data_dir)
+        if len(set(groups)) < 2:
+            msg = (f"fusion {method}: {len(set(groups))} validation image(s) with cells, too few to choose "
+                   "or fit on; using the product")
+            log.warning(msg)
+            yield Event(EventKind.LOG, stage=stage, message=msg)
+            params = FusionParams("product", info={"asked": method, "reason": "too few validation images"})
+        elif method == "auto":
+            params = select_fusion(image_p, cell_p, targets, groups)
+        else:
+            params = fit_fusion(image_p, cell_p, targets, method)
+    params.save(run / "fusion.json")
+    yield Event(EventKind.LOG, stage=stage, path=str(run / "fusion.json"),
+                message=f"fusion: {params.method}" + (f" (asked: {method})" if method != params.method else ""))
+
+
 def _image_cache_dir(run: Path, config: PipelineConfig) -> Path | None:
     """The image model's resize cache (shared by the refinement and the pseudo-label CAM pass)."""
     if not config.image.cache:
@@ -366,8 +425,12 @@ def train_pipeline(
     if config is None:
         config = PipelineConfig.load(run / "config.json") if (run / "config.json").is_file() else PipelineConfig()
     config.validate()
+    config = _with_pretrain_start(config, run)
+    own_pretrain = (run / "pretrain").resolve()
     for init in {config.image.init_from, config.cell.init_from} - {None}:
         src = Path(init).expanduser().resolve()
+        if src == own_pretrain:  # the pretrain stage's output: later stages never replace it
+            continue
         if src == run.resolve() or run.resolve() in src.parents:
             raise ValueError(f"cannot start {run} from {init}: it lies inside the run folder, whose old "
                              "models training would replace; choose another output folder")
@@ -391,12 +454,13 @@ def train_pipeline(
     main_process = ddp.is_main_process()
     keys = _stage_keys(config)
     done = _read_stages(run)
-    wanted = stages or STAGES
+    active = config.active_stages()
+    wanted = stages or active
     for s in wanted:
         if s not in STAGES:
             raise ValueError(f"unknown stage {s!r}; stages are {', '.join(STAGES)}")
     valid_so_far = True
-    for i, stage in enumerate(STAGES):
+    for i, stage in enumerate(active):
         is_done = valid_so_far and done.get(stage, {}).get("key") == keys[stage]
         valid_so_far = is_done
         if stage not in wanted:
@@ -405,14 +469,19 @@ def train_pipeline(
             yield Event(EventKind.STAGE_START, stage=stage, message=f"{stage}: finished earlier")
             yield Event(EventKind.STAGE_END, stage=stage, message="skipped: finished earlier")
             continue
-        if stage != "image_model":
+        if stage not in ("pretrain", "image_model"):
             table = _usable(table, run)
-        yield Event(EventKind.STAGE_START, stage=stage, message=f"stage {i + 1}/{len(STAGES)}: {stage}")
+        yield Event(EventKind.STAGE_START, stage=stage, message=f"stage {i + 1}/{len(active)}: {stage}")
         t0 = time.perf_counter()
         if main_process:
             _prepare_stage(run, stage, keys[stage])
         ddp.barrier()
-        if stage == "image_model":
+        if stage == "pretrain":  # the labelled images only: never images held out of training
+            from napari_cpgcn.training.pretrain import pretrain_backbone
+
+            events = pretrain_backbone(data_dir, run / "pretrain", config.pretrain, should_stop,
+                                       image_ids=list(table.ids))
+        elif stage == "image_model":
             from napari_cpgcn.training.image_trainer import train_image_model
 
             events = train_image_model(data_dir, table, run / "image_model", config.image, should_stop)
@@ -431,8 +500,10 @@ def train_pipeline(
             events = _stage_segmentation(data_dir, ddp.shard_ids(table.ids), run, config, should_stop)
         elif stage == "pseudolabels":  # one table: rank 0 writes it, the other ranks wait below
             events = _stage_pseudolabels(data_dir, table, run, config, should_stop) if main_process else iter(())
-        else:
+        elif stage == "cell_model":
             events = _stage_cell_model(data_dir, table, run, config, should_stop)
+        else:  # fusion: one small file, rank 0 writes it
+            events = _stage_fusion(data_dir, run, config) if main_process else iter(())
         for ev in events:
             if not ev.stage or ev.stage != stage:
                 ev.stage = stage

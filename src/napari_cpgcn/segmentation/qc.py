@@ -200,7 +200,7 @@ def write_qc_csv(path: str | Path, rows: dict[str, dict[str, Any]]) -> Path:
     import csv
     import io
 
-    from napari_cpgcn.io.tables import atomic_write_text
+    from napari_cpgcn.io.atomic import atomic_write_text
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

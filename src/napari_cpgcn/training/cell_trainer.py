@@ -9,7 +9,6 @@ model. The validation split is by image id (cells of one image never sit on both
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -132,15 +131,23 @@ def cell_targets(cells: pd.DataFrame, mode: str, image_labels: dict[str, np.ndar
 
 def split_by_image(image_ids: list[str] | np.ndarray, val_fraction: float, seed: int = 0
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (train, val) with every image's cells on one side; stable per (ids, seed)."""
+    """Row indices (train, val) with every image's cells on one side.
+
+    The images are split as the image model splits them
+    (:func:`napari_cpgcn.training.datasets.split_ids`: a hash of each image id, independent of
+    the other ids), so with the same ``val_fraction`` the image model, its refinement and the
+    cell model of a pipeline run keep the same validation images unseen — the cells the fusion
+    of the two models is chosen on (:func:`napari_cpgcn.pipeline.fusion.validation_cells`). ``seed`` is
+    not used (the split does not change with the training seed).
+    """
+    from napari_cpgcn.training.datasets import split_ids
+
     ids = np.asarray(image_ids).astype(str)
     uniq = sorted(set(ids.tolist()))
     if val_fraction <= 0 or len(uniq) < 2:
         return np.arange(len(ids)), np.zeros(0, np.int64)
-    key = lambda i: hashlib.sha1(f"{seed}:{i}".encode()).hexdigest()  # noqa: E731
-    order = sorted(uniq, key=key)
-    n_val = min(max(1, int(round(val_fraction * len(uniq)))), len(uniq) - 1)
-    val = set(order[:n_val])
+    _, val_ids = split_ids(uniq, val_fraction)
+    val = set(val_ids)
     is_val = np.array([i in val for i in ids])
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 

@@ -166,19 +166,25 @@ INIT_CANDIDATES = {
 
 
 def resolve_init_checkpoint(source: str | Path, stage: str = "image_model") -> Path:
-    """The checkpoint a model of ``stage`` starts from: ``source`` itself (a ``.pt``) or, for a
-    run folder, the first of :data:`INIT_CANDIDATES` that exists.
+    """The checkpoint a model of ``stage`` starts from: ``source`` itself (a ``.pt``); for a
+    ``napari-cpgcn pretrain`` folder its ``backbone.pt`` (whatever the stage); for a run
+    folder, the first of :data:`INIT_CANDIDATES` that exists.
 
     Raises
     ------
     FileNotFoundError
-        Nothing there, naming what was looked for.
+        Nothing there, naming what was looked for (an unfinished pretraining: how to resume it).
     """
     src = Path(source).expanduser()
     if not src.exists():
-        raise FileNotFoundError(f"{src} does not exist: give a finished run folder or a .pt checkpoint")
+        raise FileNotFoundError(f"{src} does not exist: give a finished run or pretraining folder or a .pt "
+                                "checkpoint")
     if src.is_file():
         return src
+    from napari_cpgcn.training.pretrain import is_pretrain_dir, pretrained_backbone_path
+
+    if is_pretrain_dir(src):  # a self-supervised backbone starts the image and the cell model alike
+        return pretrained_backbone_path(src)
     cands = INIT_CANDIDATES.get(stage, (f"{stage}/best.pt", f"{stage}/latest.pt"))
     for cand in cands:
         if (src / cand).is_file():
@@ -186,6 +192,11 @@ def resolve_init_checkpoint(source: str | Path, stage: str = "image_model") -> P
     raise FileNotFoundError(
         f"{src} holds no {stage.replace('_', ' ')} to start from (looked for {', '.join(cands)}); "
         "give a finished run folder or a .pt file")
+
+
+#: ``meta["kind"]`` of :mod:`napari_cpgcn.training.pretrain`'s checkpoints (the finished backbone
+#: and the training state), whose ``backbone.*`` tensors start a model like any other's.
+_PRETRAIN_KINDS = ("pretrained_backbone", "self_supervised_pretraining")
 
 
 def check_init_checkpoint(source: str | Path, name: str, stage: str = "image_model") -> tuple[Path, dict]:
@@ -201,6 +212,11 @@ def check_init_checkpoint(source: str | Path, name: str, stage: str = "image_mod
     src = resolve_init_checkpoint(source, stage)
     ckpt = load_checkpoint(src, "cpu")
     have = ckpt.get("meta", {}).get("backbone")
+    if have != name and ckpt.get("meta", {}).get("kind") in _PRETRAIN_KINDS:
+        raise CheckpointError(
+            f"{src} is a self-supervised pretraining of a {have} backbone, but the {stage.replace('_', ' ')} "
+            f"here uses {name}: pretrain again with `napari-cpgcn pretrain DATA_DIR --backbone {name}`, or "
+            f"train with --backbone {have}")
     if have != name:
         raise CheckpointError(
             f"{src} holds a {have} backbone but the {stage.replace('_', ' ')} here uses {name}: choose the "
@@ -211,9 +227,9 @@ def check_init_checkpoint(source: str | Path, name: str, stage: str = "image_mod
 def load_backbone_weights(backbone: nn.Module, source: str | Path, name: str, stage: str = "image_model") -> Path:
     """Start ``backbone`` from the backbone of an earlier napari-cpgcn model (fine-tuning).
 
-    ``source`` is an image- or cell-model checkpoint or a run folder (see
-    :func:`resolve_init_checkpoint`: a pipeline run's refined image model / cell model, or a
-    ``train-image`` folder's ``best.pt``). Only backbone tensors are taken; the input
+    ``source`` is an image- or cell-model checkpoint, a self-supervised backbone
+    (``napari-cpgcn pretrain``), a bioimage.io package, or a run or pretraining folder (see
+    :func:`resolve_init_checkpoint`). Only backbone tensors are taken; the input
     normalisation (``mean``/``std``) stays the new run's. Returns the checkpoint used.
 
     Raises

@@ -33,6 +33,8 @@ from qtpy.QtWidgets import (
 )
 
 from napari_cpgcn.events import Event, EventKind
+from napari_cpgcn.pipeline.config import OPTIONAL_STAGES
+from napari_cpgcn.pipeline.config import STAGES as PIPELINE_STAGES
 
 from .common import (
     RUNS,
@@ -50,9 +52,12 @@ log = logging.getLogger(__name__)
 
 __all__ = ["TrainWidget", "build_config", "check_training_inputs", "PRESETS"]
 
-STAGES = ("image_model", "refine", "segmentation", "pseudolabels", "cell_model")
-STAGE_TITLES = {"image_model": "CP-GCN image model", "refine": "K-means refinement",
-                "segmentation": "segmentation", "pseudolabels": "cell pseudo-labels", "cell_model": "cell model"}
+#: The pipeline's stages with a progress bar here (the optional pretrain stage has no switch in
+#: this widget yet: use `napari-cpgcn train --pretrain`, or "Start from" a pretraining folder).
+STAGES = tuple(s for s in PIPELINE_STAGES if s not in OPTIONAL_STAGES)
+STAGE_TITLES = {"pretrain": "self-supervised pretraining", "image_model": "CP-GCN image model",
+                "refine": "K-means refinement", "segmentation": "segmentation", "pseudolabels": "cell pseudo-labels",
+                "cell_model": "cell model", "fusion": "fusion (image x cell)"}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: Preset menu: title -> :data:`napari_cpgcn.pipeline.config.PRESETS` name (the settings live there).
 PRESETS: dict[str, str] = {"small (CPU, minutes)": "small", "tiny (a test)": "tiny", "paper (GPU)": "paper"}
@@ -242,9 +247,10 @@ class TrainWidget(QWidget):
         self.data_edit = PathEdit("dir", "folder of training images")
         self.csv_edit = PathEdit("file", "labels CSV (ID,Label)", "CSV (*.csv)")
         self.out_edit = PathEdit("dir", "output (run) folder")
-        self.start_edit = PathEdit("dir", "optional: a trained run to fine-tune from")
+        self.start_edit = PathEdit("dir", "optional: a trained run or a pretraining folder to start from")
         self.start_edit.setToolTip("start both backbones from this run's refined image model and cell "
-                                   "model (same backbones); empty: ImageNet weights / random init. "
+                                   "model, or from a `napari-cpgcn pretrain` folder's self-supervised "
+                                   "backbone (same backbones); empty: ImageNet weights / random init. "
                                    "Resume continues the run's own checkpoints and ignores this field.")
         self.data_edit.setText(settings.get("train_data", ""))
         self.csv_edit.setText(settings.get("train_csv", ""))
