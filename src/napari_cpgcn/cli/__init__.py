@@ -1,9 +1,10 @@
 """``napari-cpgcn`` command line: ``main(argv) -> exit code``.
 
-Each subcommand lives in its own module ``napari_cpgcn.cli._<name>`` exposing
-``register(subparsers)``, which adds a parser with ``set_defaults(func=run)``;
-``run(args) -> int`` returns an exit code. Heavy imports happen inside ``run`` so that
-``napari-cpgcn --help`` is fast.
+Each subcommand lives in its own module ``napari_cpgcn.cli._<name>`` declaring ``COMMAND``
+(its name), ``HELP`` (one line for ``napari-cpgcn --help``), ``DESCRIPTION`` (its ``--help``
+text, pre-wrapped), ``add_arguments(parser)`` and ``run(args) -> int`` (an exit code);
+:func:`build_parser` adds ``--quiet`` / ``--verbose`` to every one. Heavy imports happen
+inside ``run`` so that ``napari-cpgcn --help`` is fast.
 
 Exit codes that scripts can trust:
 0 success, 1 failure (a bad input or an output that cannot be written: the message names the
@@ -58,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"napari-cpgcn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        importlib.import_module(f"napari_cpgcn.cli.{name}").register(sub)
+        mod = importlib.import_module(f"napari_cpgcn.cli.{name}")
+        p = sub.add_parser(mod.COMMAND, help=mod.HELP, description=mod.DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        add_common_arguments(p)
+        p.set_defaults(func=mod.run)
     return parser
 
 

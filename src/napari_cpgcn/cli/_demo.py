@@ -47,12 +47,11 @@ end and learns, not what the method reaches on real HPA images.
 """
 
 
-def register(subparsers) -> None:
-    from napari_cpgcn.cli import add_common_arguments
+COMMAND = "demo"
+HELP = "synthetic data -> train -> predict -> evaluate, in minutes"
 
-    p = subparsers.add_parser("demo", help="synthetic data -> train -> predict -> evaluate, in minutes",
-                              description=DESCRIPTION,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "-o", default="demo-output", metavar="DIR",
                    help="output folder (default ./demo-output; rerun to resume)")
     p.add_argument("--n-train", type=int, default=32, help="training images (default 32)")
@@ -69,8 +68,6 @@ def register(subparsers) -> None:
                    help="torch threads (default 0 = auto: the cores not busy with other work, at least "
                         "1; oversubscribed threads are many times slower on a busy machine)")
     p.add_argument("--rows", type=int, default=10, help="rows of the per-cell table to print (default 10)")
-    add_common_arguments(p)
-    p.set_defaults(func=run)
 
 
 # ------------------------------------------------------------------------------------- steps

@@ -16,21 +16,21 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from napari_cpgcn.cli import EXIT_FAILURE, EXIT_OK, UsageError, add_common_arguments
+from napari_cpgcn.cli import EXIT_FAILURE, EXIT_OK, UsageError
 from napari_cpgcn.io.atomic import check_writable
 
 log = logging.getLogger("napari_cpgcn.cli.evaluate")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "evaluate",
-        help="evaluate a trained run: image-level AP/mAP (+ charts)",
-        description=(
-            "Evaluate a trained run on labelled images. Image level: per-class average precision, "
-            "mAP over the classes present, a per-class AP bar chart and precision-recall curves."
-        ),
-    )
+COMMAND = "evaluate"
+HELP = "evaluate a trained run: image-level AP/mAP (+ charts)"
+DESCRIPTION = """\
+Evaluate a trained run on labelled images. Image level: per-class average precision, mAP over
+the classes present, a per-class AP bar chart and precision-recall curves.
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, metavar="RUN_DIR",
                    help="run folder (image-model run, pipeline run holding image_model/, or a .pt file)")
     p.add_argument("--data", required=True, metavar="DATA_DIR", help="folder of the evaluation images")
@@ -42,8 +42,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     add_level_arguments(p)
-    add_common_arguments(p)
-    p.set_defaults(func=run)
 
 
 def add_level_arguments(p: argparse.ArgumentParser) -> None:

@@ -11,23 +11,23 @@ import argparse
 import logging
 from pathlib import Path
 
-from napari_cpgcn.cli import EXIT_FAILURE, EXIT_OK, UsageError, add_common_arguments
+from napari_cpgcn.cli import EXIT_FAILURE, EXIT_OK, UsageError
 
 log = logging.getLogger("napari_cpgcn.cli.export_bioimageio")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "export-bioimageio",
-        help="write a bioimage.io model package (.zip) of a trained run's image or cell model",
-        description=(
-            "Package a trained model for the bioimage.io ecosystem (bioimageio.core, ilastik, deepImageJ, "
-            "Fiji): TorchScript + PyTorch state-dict weights, input axes and the run's normalisation as "
-            "preprocessing, test tensors, a cover image, the 19 class names, licence BSD-3-Clause and the "
-            "CP-GCN citation. The package is then tested with bioimageio.core (as `bioimageio test` does). "
-            "A package can start a later training: `napari-cpgcn train ... --init-from MODEL.zip`."
-        ),
-    )
+COMMAND = "export-bioimageio"
+HELP = "write a bioimage.io model package (.zip) of a trained run's image or cell model"
+DESCRIPTION = """\
+Package a trained model for the bioimage.io ecosystem (bioimageio.core, ilastik, deepImageJ,
+Fiji): TorchScript + PyTorch state-dict weights, input axes and the run's normalisation as
+preprocessing, test tensors, a cover image, the 19 class names, licence BSD-3-Clause and the CP-
+GCN citation. The package is then tested with bioimageio.core (as `bioimageio test` does). A
+package can start a later training: `napari-cpgcn train ... --init-from MODEL.zip`.
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="trained run folder (train or train-image) or a checkpoint in it")
     p.add_argument("--out", required=True, metavar="MODEL.zip", help="package to write")
     p.add_argument("--which", choices=["image", "cell"], default="image",
@@ -39,8 +39,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="who trained the model (repeatable; default: your login name)")
     p.add_argument("--no-test", action="store_true", help="skip the bioimageio.core test after writing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing MODEL.zip")
-    add_common_arguments(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,21 +11,21 @@ import argparse
 import logging
 from pathlib import Path
 
-from napari_cpgcn.cli import EXIT_OK, EXIT_PARTIAL, UsageError, add_common_arguments
+from napari_cpgcn.cli import EXIT_OK, EXIT_PARTIAL, UsageError
 
 log = logging.getLogger("napari_cpgcn.cli.export_kaggle")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "export-kaggle",
-        help="write a Kaggle 2021 submission.csv from saved predictions (masks + per-cell CSV)",
-        description=(
-            "Build a Kaggle HPA 2021 submission from a prediction folder (masks/{ID}.tif and cells.csv, as "
-            "`napari-cpgcn predict` writes them): every cell x every class with its confidence, the cell "
-            "mask encoded as base64(zlib(COCO compressed RLE))."
-        ),
-    )
+COMMAND = "export-kaggle"
+HELP = "write a Kaggle 2021 submission.csv from saved predictions (masks + per-cell CSV)"
+DESCRIPTION = """\
+Build a Kaggle HPA 2021 submission from a prediction folder (masks/{ID}.tif and cells.csv, as
+`napari-cpgcn predict` writes them): every cell x every class with its confidence, the cell mask
+encoded as base64(zlib(COCO compressed RLE)).
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("predictions_dir", metavar="PREDICTIONS_DIR", help="folder holding masks/ and cells.csv")
     p.add_argument("--out", required=True, metavar="CSV", help="submission file to write")
     p.add_argument("--score", choices=["fused", "cell", "image"], default="fused",
@@ -34,8 +34,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="leave out (cell, class) pairs below this confidence (default 0: keep all)")
     p.add_argument("--cells-csv", default=None, metavar="CSV", help="per-cell table (default PREDICTIONS_DIR/cells.csv)")
     p.add_argument("--masks", default=None, metavar="DIR", help="mask folder (default PREDICTIONS_DIR/masks)")
-    add_common_arguments(p)
-    p.set_defaults(func=run)
 
 
 def _read_mask(folder: Path, image_id: str):

@@ -28,20 +28,17 @@ looked for in CELLPOSE_LOCAL_MODELS_PATH or ~/.cellpose/models. --json prints th
 """
 
 
-def register(subparsers) -> None:
-    from napari_cpgcn.cli import add_common_arguments
+COMMAND = "info"
+HELP = "versions, devices and which weights would be used"
 
-    p = subparsers.add_parser("info", help="versions, devices and which weights would be used",
-                              description=DESCRIPTION,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--imagenet-weights", default="imagenet", metavar="imagenet|URL",
                    help="the weight source to check: 'imagenet' (default; torchvision's URL or "
                         "NAPARI_CPGCN_WEIGHTS_URL) or a mirror URL")
     p.add_argument("--no-network", dest="network", action="store_false",
                    help="report cache misses as downloads without asking the server")
-    add_common_arguments(p)
-    p.set_defaults(func=run)
 
 
 def _version(dist: str) -> str | None:

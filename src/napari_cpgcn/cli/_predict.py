@@ -28,14 +28,12 @@ failed, or the model cannot be loaded), 2 bad usage, 130 interrupted (rerun to r
 """
 
 
-def register(subparsers) -> None:
-    from napari_cpgcn.cli import add_common_arguments
-    from napari_cpgcn.cli._folder import add_cluster_arguments, add_input_dir_argument
+COMMAND = "predict"
+HELP = "predict per-cell localisations for a folder (resumable, streaming)"
 
-    p = subparsers.add_parser(
-        "predict", help="predict per-cell localisations for a folder (resumable, streaming)",
-        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from napari_cpgcn.cli._folder import add_cluster_arguments, add_input_dir_argument
     add_input_dir_argument(p)
     p.add_argument("--model", "-m", required=True, metavar="RUN_OR_CKPT",
                    help="trained run folder (from `napari-cpgcn train` or `demo`) or a checkpoint inside one")
@@ -56,8 +54,6 @@ def register(subparsers) -> None:
                         "AnnData table); needs `pip install napari-cpgcn[ome-zarr]`")
     p.add_argument("--overwrite", action="store_true", help="redo every image instead of resuming")
     add_cluster_arguments(p)
-    add_common_arguments(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from napari_cpgcn.cli import EXIT_INTERRUPTED, UsageError, add_common_arguments
+from napari_cpgcn.cli import EXIT_INTERRUPTED, UsageError
 from napari_cpgcn.cli._training import TrainingBars, run_training
 
 log = logging.getLogger("napari_cpgcn.cli.pretrain")
@@ -29,9 +29,11 @@ pretrain_config.json. Start training from it with
 """
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("pretrain", help="self-supervised backbone pretraining on unlabelled images",
-                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+COMMAND = "pretrain"
+HELP = "self-supervised backbone pretraining on unlabelled images"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_dir", metavar="DATA_DIR", help="folder of images (ID_red.png ...; images/ inside accepted)")
     p.add_argument("--out", required=True, metavar="PRETRAIN_DIR", help="output folder (created)")
     p.add_argument("--backbone", default=None,
@@ -56,8 +58,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the pretraining in PRETRAIN_DIR (its settings; options given win, e.g. a larger "
                         "--epochs trains a finished one longer)")
-    add_common_arguments(p)
-    p.set_defaults(func=run)
 
 
 def build_config(args: argparse.Namespace):

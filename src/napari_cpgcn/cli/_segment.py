@@ -50,14 +50,12 @@ def _positive(text: str) -> float:
     return value
 
 
-def register(subparsers) -> None:
-    from napari_cpgcn.cli import add_common_arguments
-    from napari_cpgcn.cli._folder import add_cluster_arguments, add_input_dir_argument
+COMMAND = "segment"
+HELP = "segment a folder of HPA images into cell masks ({ID}.tif)"
 
-    p = subparsers.add_parser(
-        "segment", help="segment a folder of HPA images into cell masks ({ID}.tif)",
-        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from napari_cpgcn.cli._folder import add_cluster_arguments, add_input_dir_argument
     add_input_dir_argument(p)
     p.add_argument("--out", "-o", required=True, metavar="OUT_DIR", help="output folder for the masks")
     p.add_argument("--method", choices=("classical", "cellpose"), default="classical",
@@ -75,8 +73,6 @@ def register(subparsers) -> None:
                    help="cellpose: use the GPU (default: when available)")
     p.add_argument("--overwrite", action="store_true", help="redo images that already have a mask")
     add_cluster_arguments(p)
-    add_common_arguments(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

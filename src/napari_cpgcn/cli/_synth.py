@@ -5,21 +5,21 @@ from __future__ import annotations
 import argparse
 import logging
 
-from napari_cpgcn.cli import EXIT_OK, EXIT_PARTIAL, UsageError, add_common_arguments
+from napari_cpgcn.cli import EXIT_OK, EXIT_PARTIAL, UsageError
 
 log = logging.getLogger("napari_cpgcn.cli.synth")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "synth",
-        help="write a synthetic HPA-like data set (Kaggle layout + per-cell truth)",
-        description=(
-            "Write OUT/images/{ID}_{red,green,blue,yellow}.png, OUT/train.csv (image labels), "
-            "OUT/truth/{ID}_cells.png (uint16 cell masks), OUT/truth/cells.csv (per-cell labels) "
-            "and OUT/synth.json. The same seed gives identical files."
-        ),
-    )
+COMMAND = "synth"
+HELP = "write a synthetic HPA-like data set (Kaggle layout + per-cell truth)"
+DESCRIPTION = """\
+Write OUT/images/{ID}_{red,green,blue,yellow}.png, OUT/train.csv (image labels),
+OUT/truth/{ID}_cells.png (uint16 cell masks), OUT/truth/cells.csv (per-cell labels) and
+OUT/synth.json. The same seed gives identical files.
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", metavar="OUT", help="output folder (created if missing)")
     p.add_argument("--n-images", "-n", type=int, default=16, help="number of images (default 16)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
@@ -29,8 +29,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cell-scale", type=float, default=None,
                    help="cell size factor in pixels per 512-px unit (default: size/512, the real "
                         "cell size relative to a Kaggle field)")
-    add_common_arguments(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

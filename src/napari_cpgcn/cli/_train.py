@@ -12,7 +12,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from napari_cpgcn.cli import EXIT_INTERRUPTED, UsageError, add_common_arguments
+from napari_cpgcn.cli import EXIT_INTERRUPTED, UsageError
 from napari_cpgcn.cli._training import (
     TrainingBars,
     add_training_arguments,
@@ -27,18 +27,18 @@ from napari_cpgcn.pipeline.config import FUSIONS, PRESETS
 log = logging.getLogger("napari_cpgcn.cli.train")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "train",
-        help="train the whole pipeline (image model, CAM refinement, segmentation, pseudo-labels, cell model)",
-        description=(
-            "Train the single-cell pipeline on a folder of HPA images with image-level labels: the CP-GCN "
-            "image model, sub-category K-means CAM refinement, cell segmentation, per-cell pseudo-labels "
-            "and the cell classifier. Writes RUN_DIR/config.json, stages.json, image_model/, refine/, "
-            "segmentation/, pseudolabels.csv and cell_model/. Rerunning with the same RUN_DIR skips "
-            "finished stages and resumes an interrupted one."
-        ),
-    )
+COMMAND = "train"
+HELP = "train the whole pipeline (image model, CAM refinement, segmentation, pseudo-labels, cell model)"
+DESCRIPTION = """\
+Train the single-cell pipeline on a folder of HPA images with image-level labels: the CP-GCN
+image model, sub-category K-means CAM refinement, cell segmentation, per-cell pseudo-labels and
+the cell classifier. Writes RUN_DIR/config.json, stages.json, image_model/, refine/,
+segmentation/, pseudolabels.csv and cell_model/. Rerunning with the same RUN_DIR skips finished
+stages and resumes an interrupted one.
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_training_arguments(
         p,
         out="run folder (created; resumed when it exists)",
@@ -89,8 +89,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--overwrite", action="store_true",
                    help="RUN_DIR holds a run made with other settings: redo the stages they change (their "
                         "outputs are replaced). Without it such a rerun is refused, naming what differs")
-    add_common_arguments(p)
-    p.set_defaults(func=run)
 
 
 def build_config(args: argparse.Namespace):

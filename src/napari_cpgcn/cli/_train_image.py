@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from napari_cpgcn.cli import EXIT_INTERRUPTED, UsageError, add_common_arguments
+from napari_cpgcn.cli import EXIT_INTERRUPTED, UsageError
 from napari_cpgcn.cli._training import (
     TrainingBars,
     add_training_arguments,
@@ -19,17 +19,17 @@ from napari_cpgcn.cli._training import (
 log = logging.getLogger("napari_cpgcn.cli.train_image")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "train-image",
-        help="train the image-level CP-GCN model on image labels",
-        description=(
-            "Train the image-level model (CP-GCN or an ablation variant) on a folder of HPA images "
-            "and a Kaggle-format labels CSV (ID,Label). Writes RUN_DIR/config.json, latest.pt "
-            "(every epoch), best.pt (best validation mAP), history.csv, split.json and oaa/. "
-            "Rerunning with the same RUN_DIR resumes from latest.pt."
-        ),
-    )
+COMMAND = "train-image"
+HELP = "train the image-level CP-GCN model on image labels"
+DESCRIPTION = """\
+Train the image-level model (CP-GCN or an ablation variant) on a folder of HPA images and a
+Kaggle-format labels CSV (ID,Label). Writes RUN_DIR/config.json, latest.pt (every epoch),
+best.pt (best validation mAP), history.csv, split.json and oaa/. Rerunning with the same RUN_DIR
+resumes from latest.pt.
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_training_arguments(
         p,
         out="run folder (created; resumed if it holds latest.pt)",
@@ -54,8 +54,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     resume.add_argument("--resume", dest="resume", action="store_true", default=True,
                         help="continue from RUN_DIR/latest.pt when it exists (default)")
     resume.add_argument("--no-resume", dest="resume", action="store_false", help="start again, overwriting the run")
-    add_common_arguments(p)
-    p.set_defaults(func=run)
 
 
 def build_config(args: argparse.Namespace):
