@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_cpgcn.training.config import check_choice
+
 __all__ = [
     "FUSION_METHODS",
     "LEARNED_METHODS",
@@ -83,8 +85,7 @@ class FusionParams:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in FUSION_METHODS:
-            raise ValueError(f"fusion method {self.method!r} unknown; choose one of {', '.join(FUSION_METHODS)}")
+        check_choice(self.method, FUSION_METHODS, "fusion method", ValueError)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "weights": self.weights, "coef": self.coef, "info": self.info}
@@ -159,8 +160,7 @@ def fuse(image_probs: np.ndarray, cell_probs: np.ndarray, method: str = "product
     """
     if params is not None:
         method = params.method
-    if method not in FUSION_METHODS:
-        raise ValueError(f"fusion method {method!r} unknown; choose one of {', '.join(FUSION_METHODS)}")
+    check_choice(method, FUSION_METHODS, "fusion method", ValueError)
     ip, cp = _broadcast(image_probs, cell_probs)
     if method == "product":
         return cp * ip
@@ -229,8 +229,7 @@ def fit_fusion(image_probs: np.ndarray, cell_probs: np.ndarray, targets: np.ndar
     -------
     FusionParams
     """
-    if method not in FUSION_METHODS:
-        raise ValueError(f"fusion method {method!r} unknown; choose one of {', '.join(FUSION_METHODS)}")
+    check_choice(method, FUSION_METHODS, "fusion method", ValueError)
     if method not in LEARNED_METHODS:
         return FusionParams(method)
     ip, cp = _broadcast(image_probs, cell_probs)

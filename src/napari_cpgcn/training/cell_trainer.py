@@ -20,7 +20,7 @@ import pandas as pd
 
 from napari_cpgcn.classes import N_CLASSES, SHORT_NAMES
 from napari_cpgcn.events import Event, EventKind, ShouldStop
-from napari_cpgcn.training.config import ConfigError, TrainConfig, check_channel_stats
+from napari_cpgcn.training.config import ConfigError, TrainConfig, check_channel_stats, check_choice
 
 __all__ = [
     "CellModelConfig",
@@ -90,10 +90,8 @@ class CellModelConfig(TrainConfig):
         super().validate()
         from napari_cpgcn.models.backbone import BACKBONES
 
-        if self.backbone not in BACKBONES:
-            raise ConfigError(f"cell backbone {self.backbone!r} unknown; choose one of {', '.join(BACKBONES)}")
-        if self.mode not in MODES:
-            raise ConfigError(f"cell model mode must be one of {MODES}, got {self.mode!r}")
+        check_choice(self.backbone, BACKBONES, "cell backbone")
+        check_choice(self.mode, MODES, "cell model mode")
         if self.crop_size < 16:
             raise ConfigError(f"crop_size must be >= 16, got {self.crop_size}")
         if not 0.0 <= self.crop_pad <= 1.0:

@@ -28,6 +28,12 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the field and the allowed values."""
 
 
+def check_choice(value, choices, what: str, error: type[ValueError] = ConfigError) -> None:
+    """Raise ``error`` naming ``what`` and the allowed values unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise error(f"{what} {value!r} unknown; choose one of {', '.join(map(str, choices))}")
+
+
 @dataclass
 class TrainConfig:
     """Fields of the generic training engine (defaults = the paper's image-model settings).
@@ -230,10 +236,8 @@ class ImageModelConfig(TrainConfig):
         from napari_cpgcn.models.backbone import BACKBONES
         from napari_cpgcn.models.cpgcn import VARIANTS
 
-        if self.backbone not in BACKBONES:
-            raise ConfigError(f"backbone {self.backbone!r} unknown; choose one of {', '.join(BACKBONES)}")
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"variant {self.variant!r} unknown; choose one of {', '.join(VARIANTS)}")
+        check_choice(self.backbone, BACKBONES, "backbone")
+        check_choice(self.variant, VARIANTS, "variant")
         if self.image_size < 32:
             raise ConfigError(f"image_size must be >= 32, got {self.image_size}")
         if self.output_stride not in (16, 32):

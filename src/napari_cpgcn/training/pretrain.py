@@ -61,7 +61,7 @@ import numpy as np
 
 from napari_cpgcn.events import Event, EventKind, ShouldStop
 from napari_cpgcn.io.atomic import atomic_save_npy
-from napari_cpgcn.training.config import ConfigError, TrainConfig, check_channel_stats
+from napari_cpgcn.training.config import ConfigError, TrainConfig, check_channel_stats, check_choice
 
 __all__ = [
     "PretrainConfig",
@@ -181,12 +181,9 @@ class PretrainConfig(TrainConfig):
         super().validate()
         from napari_cpgcn.models.backbone import BACKBONES
 
-        if self.backbone not in BACKBONES:
-            raise ConfigError(f"backbone {self.backbone!r} unknown; choose one of {', '.join(BACKBONES)}")
-        if self.method not in METHODS:
-            raise ConfigError(f"method {self.method!r} unknown; choose one of {', '.join(METHODS)}")
-        if self.views not in VIEWS:
-            raise ConfigError(f"views must be one of {', '.join(VIEWS)}, got {self.views!r}")
+        check_choice(self.backbone, BACKBONES, "backbone")
+        check_choice(self.method, METHODS, "method")
+        check_choice(self.views, VIEWS, "views")
         if self.image_size < 32:
             raise ConfigError(f"image_size must be >= 32, got {self.image_size}")
         if not 16 <= self.crop_size <= self.image_size:
