@@ -23,7 +23,8 @@ LIGHT = ["napari_cpgcn", "napari_cpgcn.classes", "napari_cpgcn.events", "napari_
 #: Optional extras (their own dependencies, imported only when used).
 EXTRAS = {"napari_cpgcn.batch.dask"}
 CORE = sorted(m.name for m in pkgutil.walk_packages(napari_cpgcn.__path__, "napari_cpgcn.")
-              if not m.name.startswith("napari_cpgcn._napari") and m.name not in EXTRAS)
+              if not m.name.startswith("napari_cpgcn._napari") and m.name not in EXTRAS
+              and not m.name.endswith("__main__"))  # `python -m` entry points run the CLI
 QT = ("qtpy", "PyQt6", "PyQt5", "PySide2", "PySide6", "napari", "magicgui", "superqt", "vispy")
 
 

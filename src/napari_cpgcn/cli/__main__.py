@@ -1,0 +1,7 @@
+"""``python -m napari_cpgcn.cli``: the ``napari-cpgcn`` command."""
+
+import sys
+
+from napari_cpgcn.cli import main
+
+sys.exit(main())
