@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     pred = CPGCNPredictor.from_run(run, device="cpu")
     ids = pool_ids + test_ids
     rows: dict[str, list] = {k: [] for k in ("y", "fused", "entropy", "disagreement", "tta4", "tta8",
-                                             "combined4", "combined8")}
+                                             "combined4", "combined8", "ent+disagree")}
     t_cost = {"plain": 0.0, "tta4": 0.0, "tta8": 0.0}
     c = pred.cell_config
     for iid in ids:
@@ -86,18 +86,24 @@ def main(argv=None) -> int:
         rows["tta8"].append(s8)
         rows["combined4"].append(combine(fused, s4))
         rows["combined8"].append(combine(fused, s8))
-    cat = {k: np.concatenate(v).ravel() for k, v in rows.items()}
+        rows["ent+disagree"].append(combine(fused, disagreement(out.image_probs, out.cell_probs)))
+    cells = {k: np.concatenate(v) for k, v in rows.items()}
+    cat = {k: v.ravel() for k, v in cells.items()}
+    cell_wrong = ((cells["fused"] >= 0.5) != (cells["y"] > 0)).any(1).astype(int)
     wrong = ((cat["fused"] >= 0.5) != (cat["y"] > 0)).astype(int)
     err = np.abs(cat["fused"] - cat["y"])
     results = {"n_decisions": int(len(wrong)), "n_wrong": int(wrong.sum()), "images": len(ids),
                "seconds_cell_model": t_cost, "measures": {}}
     print(f"{len(ids)} images, {len(wrong)} (cell, class) decisions, {wrong.sum()} wrong at 0.5")
-    print(f"{'measure':14s} {'AUROC(wrong)':>13s} {'Spearman |err|':>15s}")
-    for k in ("entropy", "disagreement", "tta4", "tta8", "combined4", "combined8"):
+    print(f"{len(cell_wrong)} cells, {cell_wrong.sum()} with a wrong decision")
+    print(f"{'measure':14s} {'AUROC(wrong)':>13s} {'Spearman |err|':>15s} {'cell AUROC':>11s}")
+    for k in ("entropy", "disagreement", "tta4", "tta8", "combined4", "combined8", "ent+disagree"):
         auc = float(roc_auc_score(wrong, cat[k])) if 0 < wrong.sum() < len(wrong) else float("nan")
         rho = float(spearmanr(cat[k], err).statistic)
-        results["measures"][k] = {"auroc_wrong": auc, "spearman_abs_err": rho}
-        print(f"{k:14s} {auc:13.3f} {rho:15.3f}")
+        cauc = float(roc_auc_score(cell_wrong, cells[k].max(1))) if 0 < cell_wrong.sum() < len(cell_wrong) \
+            else float("nan")
+        results["measures"][k] = {"auroc_wrong": auc, "spearman_abs_err": rho, "cell_auroc_wrong": cauc}
+        print(f"{k:14s} {auc:13.3f} {rho:15.3f} {cauc:11.3f}")
     ece = expected_calibration_error(cat["fused"], cat["y"])
     results["ece_fused"] = ece
     print(f"ECE fused (15 bins): {ece:.4f}")

@@ -53,11 +53,23 @@ def test_predictor_table_has_uncertainty_columns(tiny_trained, tiny_data):
     u = out.table[UNC].to_numpy()
     assert np.isfinite(u).all() and (u >= 0).all() and (u <= 1).all()
     np.testing.assert_allclose(out.table["uncertainty"], u.max(1), rtol=1e-6)
-    # The spread is real: the cell model is not flip-invariant, so some (cell, class) pairs are
-    # more uncertain than the entropy of their fused probability alone says.
+    # The spread is real: where the image and cell models disagree a (cell, class) is more
+    # uncertain than the entropy of its fused probability alone says.
     plain = U.combine(out.fused_probs, np.zeros_like(u))
     assert (u >= plain - 1e-6).all()
     assert (u > plain + 1e-4).any()
+    np.testing.assert_allclose(u, U.combine(out.fused_probs, U.disagreement(out.image_probs, out.cell_probs)),
+                               atol=1e-6)
+    # test-time augmentation: the cell model is not flip-invariant, so its views disagree
+    pred.uncertainty = "tta"
+    try:
+        tta = pred.predict(img, cells=out.cells, with_cams=False)
+    finally:
+        pred.uncertainty = "disagreement"
+    ut = tta.table[UNC].to_numpy()
+    assert np.isfinite(ut).all() and (ut >= 0).all() and (ut <= 1).all()
+    np.testing.assert_allclose(tta.cell_probs, out.cell_probs, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(ut, u)
     # the identity view reproduces the plain cell probabilities
     from napari_cpgcn.io.celltable import cell_geometry
 

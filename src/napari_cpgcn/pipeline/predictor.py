@@ -95,11 +95,12 @@ class CellPrediction:
         """Assemble a prediction from its parts: the per-cell table (geometry, ``top_class``, image,
         cell, fused and uncertainty columns) is built here, the one place that does it. ``fusion``
         is a :class:`~napari_cpgcn.pipeline.fusion.FusionParams` (None: the paper's product).
-        ``cell_spread`` is the (n, 19) test-time-augmentation spread of the cell model
-        (:func:`~napari_cpgcn.pipeline.uncertainty.tta_uncertainty`); without it the uncertainty
-        is the fused probabilities' entropy alone."""
+        ``cell_spread`` is an (n, 19) spread in [0, 1] that raises the uncertainty above the
+        fused probabilities' entropy (:func:`~napari_cpgcn.pipeline.uncertainty.combine`); None:
+        the image/cell disagreement ``|p_image - p_cell|`` (the measured default), or the cell
+        model's test-time-augmentation spread when the predictor was asked for it."""
         from napari_cpgcn.io.celltable import cell_geometry
-        from napari_cpgcn.pipeline.uncertainty import cell_uncertainty, combine
+        from napari_cpgcn.pipeline.uncertainty import cell_uncertainty, combine, disagreement
 
         cells = np.asarray(cells).astype(np.uint32, copy=False)
         geo = geometry if geometry is not None else cell_geometry(cells, image_id)
@@ -112,7 +113,7 @@ class CellPrediction:
             from napari_cpgcn.pipeline import fusion as fusions
 
             fused = np.asarray(fusions.fuse(image_probs, cell_probs, params=fusion), np.float32).reshape(n, N_CLASSES)
-        spread = (np.zeros_like(fused) if cell_spread is None
+        spread = (disagreement(image_probs, cell_probs) if cell_spread is None
                   else np.asarray(cell_spread, np.float32).reshape(n, N_CLASSES))
         unc = combine(fused, spread)
         cols: dict[str, Any] = {"top_class": [SHORT_NAMES[int(k)] for k in fused.argmax(1)] if n else []}
@@ -165,7 +166,7 @@ class CPGCNPredictor:
 
     def __init__(self, image_model, image_config, cell_model, cell_config, device, *,
                  run_dir: str | Path | None = None, config: PipelineConfig | None = None,
-                 fusion=None) -> None:
+                 fusion=None, uncertainty: str = "disagreement") -> None:
         self.image_model = image_model
         self.image_config = image_config
         self.cell_model = cell_model
@@ -175,6 +176,15 @@ class CPGCNPredictor:
         self.config = config
         #: How the fused scores are made (the run's ``fusion.json``; None: the paper's product).
         self.fusion = fusion
+        #: How ``unc_S`` is made (:data:`~napari_cpgcn.pipeline.uncertainty.UNCERTAINTY_METHODS`):
+        #: ``"disagreement"`` (default: no extra pass, ranked wrong decisions as well as the
+        #: others on the synthetic benchmark), ``"tta"`` (4 cell-model passes per crop) or
+        #: ``"entropy"`` (the fused probability's entropy alone).
+        from napari_cpgcn.pipeline.uncertainty import UNCERTAINTY_METHODS
+
+        if uncertainty not in UNCERTAINTY_METHODS:
+            raise ValueError(f"uncertainty must be one of {UNCERTAINTY_METHODS}, got {uncertainty!r}")
+        self.uncertainty = uncertainty
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", *, image_checkpoint: str | Path | None = None,
@@ -352,7 +362,11 @@ class CPGCNPredictor:
         geo = cell_geometry(cells, iid)
         yield f"cell model ({len(geo)} cells)"
         t0 = time.perf_counter()
-        cell_probs, spread = self.predict_cells_tta(data, cells, geo)
+        if self.uncertainty == "tta":
+            cell_probs, spread = self.predict_cells_tta(data, cells, geo)
+        else:
+            cell_probs = self.predict_cells(data, cells, geo)
+            spread = np.zeros_like(cell_probs) if self.uncertainty == "entropy" else None
         timings["cell_model"] = time.perf_counter() - t0
         yield "per-cell table"
         pred = CellPrediction.from_parts(iid, cells, image_probs, cell_probs, cams, geo, fusion=self.fusion,

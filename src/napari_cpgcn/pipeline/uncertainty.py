@@ -1,15 +1,19 @@
 """Per-(cell, class) uncertainty of a prediction, computed at prediction time from the run's own
 models (no second model, no download).
 
-Two measures are implemented; :mod:`benchmarks.bench_uncertainty` compares them on synthetic
-images with per-cell truth (how well each ranks the wrong (cell, class) decisions first):
+``unc_S = 1 − (1 − H(p_fused)) · (1 − spread)`` (:func:`combine`): the binary entropy of the
+fused probability (high near 0.5) raised by a *spread* saying the models are unsure in another
+way. Two spreads are implemented and measured by ``benchmarks/bench_uncertainty.py`` (how well
+each ranks the (cell, class) decisions that are wrong at 0.5; docs/benchmarks.md):
 
+* ``"disagreement"`` (the default) — ``|p_image − p_cell|``: the image model and the cell model
+  disagree about the cell. No extra forward pass.
 * ``"tta"`` — test-time augmentation of the cell model: the crops are classified under the
-  dihedral views (identity, flips, 90° rotations); ``unc = 2 · std`` of the class probability
-  over the views (a Bernoulli probability's standard deviation is at most 0.5, so this is in
-  [0, 1]) combined with the binary entropy of the fused probability (see :func:`combine`).
-* ``"disagreement"`` — ``|p_image − p_cell|``: needs no extra forward passes, so it is what a
-  prediction gets when the predictor has no cell model to augment (test fakes, old tables).
+  dihedral views (:data:`TTA_VIEWS`), spread = ``2 · std`` over the views (a probability's
+  standard deviation is at most 0.5). Four cell-model passes; on the synthetic benchmark its
+  spread ranked wrong decisions no better than chance (AUROC 0.50), so it is opt-in
+  (``CPGCNPredictor(..., uncertainty="tta")``).
+* ``"entropy"`` — no spread.
 
 Per cell, ``uncertainty`` is the largest ``unc_S`` over the classes. Every value is finite and
 in [0, 1]. No Qt; torch only inside :func:`tta_cell_probs`.
