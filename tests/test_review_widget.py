@@ -55,6 +55,13 @@ def test_correction_saved_at_once_survives_close_reload_and_undo(make_napari_vie
     assert w.open_pred_dir(pred)
     w.step(1)                                   # the most uncertain cell first
     assert w.cell_id == 3 and layer.selected_label == 3
+    scene = getattr(viewer, "scene", None)
+    camera = scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+    np.testing.assert_allclose(camera.center[-2:], (19.5, 99.5), atol=1.0)   # centred on cell 3
+    # colour by uncertainty: the ambiguous cell gets the brightest colour
+    w.color_unc.setChecked(True)
+    cols = {k: v for k, v in layer.colormap.color_dict.items() if k not in (None, 0)}
+    assert max(cols, key=lambda k: sum(cols[k][:3])) == 3
     assert w.ticks() == [0]                     # the prediction (fused >= 0.5: golgi is 0.495)
     w.boxes[GOLGI].setChecked(True)             # the biologist: golgi too
     assert w.confirm()
@@ -124,3 +131,37 @@ def test_a_killed_viewer_keeps_every_confirmed_correction(tmp_path):
     rows = read_corrections(pred)
     assert len(rows) == 3 and len({c.cell_id for c in rows}) == 3
     assert not list(pred.glob(".corrections.csv.*"))
+
+
+def test_finetune_button_trains_in_a_worker_and_repredicts(make_napari_viewer, qtbot, tmp_path, tiny_trained,
+                                                           tiny_data, one_torch_thread):
+    from napari_cpgcn._napari.layers import cells_layer, channel_layers
+    from napari_cpgcn._napari.widgets.review import ReviewWidget
+    from napari_cpgcn.io.hpa import read_image
+    from napari_cpgcn.pipeline.predictor import load_predictor
+
+    run, _ = tiny_trained
+    iid = sorted(p.name[:-len("_green.png")] for p in (tiny_data / "images").glob("*_green.png"))[0]
+    image = read_image(tiny_data / "images", image_id=iid)
+    pred = load_predictor(run, device="cpu").predict(image, with_cams=False)
+    viewer = make_napari_viewer()
+    for data, kw, _ in channel_layers(image):
+        viewer.add_image(data, **kw)
+    data, kw, _ = cells_layer(pred.cells, pred.table, iid)
+    layer = viewer.add_labels(data, **kw)
+    w = ReviewWidget(viewer)
+    (tmp_path / "pred").mkdir()
+    assert w.open_pred_dir(tmp_path / "pred")
+    w.step(1)
+    w._set_ticks({5})
+    assert w.confirm()
+    before = layer.features.copy()
+    w.run_dir.setText(str(run))
+    w.out_dir.setText(str(tmp_path / "run2"))
+    w.epochs.setValue(1)
+    w.start_finetune()
+    assert not w.finetune_button.isEnabled()       # the GUI thread is free, the worker trains
+    qtbot.waitUntil(lambda: "re-predicted" in w.status.text(), timeout=240_000)
+    assert (tmp_path / "run2" / "finetune.json").is_file()
+    assert w.finetune_button.isEnabled()
+    assert not np.allclose(before["cell_nuclear_bodies"], layer.features["cell_nuclear_bodies"])

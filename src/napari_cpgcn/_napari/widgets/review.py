@@ -396,10 +396,14 @@ class ReviewWidget(QWidget):
         if on and "uncertainty" in feats:
             from napari.utils.colormaps import ensure_colormap
 
+            # by rank within the image: a model unsure about every cell still shows which cells
+            # are the least sure (the values themselves are in the table and the status bar)
             cmap = ensure_colormap(_UNC_CMAP)
-            colors = {None: "transparent", 0: "transparent"}
-            for cid, u in zip(feats["index"].astype(int), feats["uncertainty"].astype(float), strict=True):
-                colors[int(cid)] = tuple(float(v) for v in cmap.map(np.array([np.clip(u, 0, 1)]))[0])
+            u = np.nan_to_num(feats["uncertainty"].to_numpy(np.float64), nan=1.0)
+            rank = (np.argsort(np.argsort(u, kind="stable"), kind="stable") / max(len(u) - 1, 1)) if len(u) else u
+            colors: dict[int | None, Any] = {None: "transparent", 0: "transparent"}
+            for cid, r in zip(feats["index"].astype(int), rank, strict=True):
+                colors[int(cid)] = tuple(float(v) for v in cmap.map(np.array([0.15 + 0.85 * r]))[0])
             self.layer.colormap = colors
         else:
             from napari_cpgcn._napari.layers import table_from_features, top_class_color_dict
@@ -421,6 +425,18 @@ class ReviewWidget(QWidget):
             notify_error("choose the run to fine-tune (RUN) and a new folder for the result (RUN2)")
             return
         opts = FinetuneOptions(epochs=int(self.epochs.value()))
+        images_dir = None
+        if not (self.store.pred_dir / "run.json").is_file():
+            # cells predicted in the viewer: their image is the one open (its channel files' folder)
+            from napari_cpgcn._napari.widgets.common import current_image
+
+            image = current_image(self.viewer)
+            paths = [p for p in (image.paths.values() if image is not None else []) if str(p) not in ("", ".")]
+            if not paths:
+                notify_error(f"{self.store.pred_dir} has no run.json naming its images, and the open image has "
+                             "no files; predict the folder with `napari-cpgcn predict` first")
+                return
+            images_dir = str(Path(paths[0]).parent)
         self.finetune_button.setEnabled(False)
 
         def on_yield(ev: Any) -> None:
@@ -428,11 +444,37 @@ class ReviewWidget(QWidget):
                 self._set_status(f"fine-tuning: epoch {ev.epoch}/{ev.n_epochs}, "
                                  f"loss {ev.metrics.get('train_loss', float('nan')):.3f}")
             elif ev.kind == EventKind.DONE:
-                self._set_status(f"fine-tuned run written to {ev.path}; predict with it to see the effect")
-                notify_info(f"fine-tuned run written to {ev.path}")
+                self._set_status(f"fine-tuned run written to {ev.path}; re-predicting the open image with it")
+                self.repredict(ev.path)
 
         self.worker = start_worker(finetune, run, str(self.store.pred_dir), out, opts, on_yield=on_yield,
-                                   on_finish=lambda: self.finetune_button.setEnabled(True))
+                                   on_finish=lambda: self.finetune_button.setEnabled(True), images_dir=images_dir)
+
+    def repredict(self, run_dir: str | Path) -> None:
+        """Predict the open image's cells again with ``run_dir`` (in a worker) and replace the
+        ``cells`` layer's features (the cells themselves stay, so corrections still match)."""
+        from napari_cpgcn._napari.widgets.common import current_image
+
+        image, layer = current_image(self.viewer), self.layer
+        if image is None or layer is None:
+            notify_info(f"fine-tuned run written to {run_dir}; open an image and predict with it")
+            return
+        cells = np.asarray(layer.data)
+
+        def work():
+            from napari_cpgcn.pipeline.predictor import load_predictor
+
+            return load_predictor(run_dir).predict(image, cells=cells, with_cams=False)
+
+        def done(pred) -> None:
+            from napari_cpgcn._napari.layers import cell_features
+
+            layer.features = cell_features(pred.table)
+            self._refresh_suggestions()
+            self._apply_colors(self.color_unc.isChecked())
+            self._set_status(f"re-predicted {pred.image_id} with {run_dir}")
+
+        self.worker = start_worker(work, on_return=done)
 
     def _set_status(self, text: str) -> None:
         self.status.setText(text)
