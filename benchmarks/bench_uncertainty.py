@@ -8,7 +8,8 @@ correlation with the absolute error ``|p_fused − y|``:
 * ``entropy``       binary entropy of the fused probability (no extra pass)
 * ``disagreement``  ``|p_image − p_cell|`` (no extra pass)
 * ``tta``           2 · std of the cell probability over 4 / 8 dihedral views of the crop
-* ``combined``      ``1 − (1 − entropy)(1 − tta)``  (what the predictor reports as ``unc_S``)
+* ``combined4/8``   ``1 − (1 − entropy)(1 − tta)``  (``CPGCNPredictor(uncertainty="tta")``)
+* ``ent+disagree``  ``1 − (1 − entropy)(1 − disagreement)``  (the default ``unc_S``)
 
 Also the ECE of the fused probabilities. Run::
 

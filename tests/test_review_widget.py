@@ -165,3 +165,18 @@ def test_finetune_button_trains_in_a_worker_and_repredicts(make_napari_viewer, q
     assert (tmp_path / "run2" / "finetune.json").is_file()
     assert w.finetune_button.isEnabled()
     assert not np.allclose(before["cell_nuclear_bodies"], layer.features["cell_nuclear_bodies"])
+
+
+def test_cell_table_sorts_by_uncertainty(make_napari_viewer, qtbot):
+    from qtpy.QtCore import Qt
+
+    from napari_cpgcn._napari.widgets.table import COLUMNS, CellTableWidget
+
+    viewer = make_napari_viewer()
+    layer = _cells_layer(viewer)
+    t = CellTableWidget(viewer)
+    t.set_layer(layer)
+    col = COLUMNS.index("uncertainty")
+    t.table.sortItems(col, Qt.SortOrder.DescendingOrder)
+    assert t.table.item(0, 0).text() == "3"       # the ambiguous cell on top
+    assert float(t.table.item(0, col).text()) > float(t.table.item(1, col).text())
