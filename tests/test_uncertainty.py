@@ -91,3 +91,32 @@ def test_uncertainty_in_cells_csv_and_layer_features(tiny_trained, tiny_data, tm
     feats = cell_features(cells[cells.image_id == cells.image_id.iloc[0]])
     assert set(UNC + ["uncertainty"]) <= set(feats.columns)
     assert np.isfinite(feats[UNC].to_numpy()).all()
+
+
+def test_calibration_functions_and_evaluate_reliability_png(tiny_trained, tiny_data, tmp_path):
+    import json
+
+    from napari_cpgcn.cli import main
+    from napari_cpgcn.evaluation.calibration import (
+        apply_temperature,
+        expected_calibration_error,
+        fit_temperature,
+    )
+
+    rng = np.random.default_rng(0)
+    p = rng.random(4000)
+    y = (rng.random(4000) < p).astype(float)            # calibrated by construction
+    assert expected_calibration_error(p, y) < 0.03
+    over = apply_temperature(p, 0.3)                     # over-confident version of the same
+    assert expected_calibration_error(over, y) > 0.08
+    t = fit_temperature(over, y)
+    assert 2.8 < t < 4.0                                 # the fitted temperature undoes it (1 / 0.3)
+    assert expected_calibration_error(apply_temperature(over, t), y) < 0.03
+    run, _ = tiny_trained
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--run", str(run), "--data", str(tiny_data / "images"), "--labels",
+                 str(tiny_data / "train.csv"), "--truth", str(tiny_data / "truth"), "--levels", "cell",
+                 "--true-cells", "--device", "cpu", "--out", str(out), "-q"]) == 0
+    assert (out / "cell_reliability.png").stat().st_size > 1000
+    s = json.loads((out / "summary.json").read_text())
+    assert 0 <= s["cell_ece_fused"] <= 1

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["reliability_bins", "expected_calibration_error", "fit_temperature", "apply_temperature",
-           "reliability_diagram"]
+           "reliability_diagram", "matched_probabilities"]
 
 _EPS = 1e-6
 
@@ -93,3 +93,23 @@ def reliability_diagram(path: str | Path, curves: dict[str, tuple[np.ndarray, np
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return out
+
+
+def matched_probabilities(tables, masks, truth, prefix: str = "fused_") -> tuple[np.ndarray, np.ndarray]:
+    """(n, 19) probabilities and 0/1 truth of the predicted cells that match a true cell
+    (IoU >= 0.6), from per-image tables, ``{image id: predicted mask}`` and a
+    :class:`~napari_cpgcn.evaluation.cell.CellTruth`."""
+    from napari_cpgcn.classes import N_CLASSES, SHORT_NAMES
+    from napari_cpgcn.evaluation.matching import match_labels
+
+    cols = [f"{prefix}{s}" for s in SHORT_NAMES]
+    ps, ys = [np.zeros((0, N_CLASSES))], [np.zeros((0, N_CLASSES))]
+    for table in tables:
+        if not len(table):
+            continue
+        iid = str(table["image_id"].iloc[0])
+        pids, tids, _ = match_labels(np.asarray(masks[iid]), truth.mask(iid))
+        rows = table.set_index("cell_id")
+        ps.append(rows.loc[pids, cols].to_numpy(np.float64))
+        ys.append(truth.cell_labels(iid, tids).astype(np.float64))
+    return np.concatenate(ps), np.concatenate(ys)
