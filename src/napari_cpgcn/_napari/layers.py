@@ -277,8 +277,9 @@ def cell_features(table: pd.DataFrame) -> pd.DataFrame:
     """Per-cell table → ``Labels.features`` frame.
 
     Columns: ``index`` (= label id = ``cell_id``), ``top_class``, ``classes`` (a short
-    summary, first so the status bar shows it first when hovering), then the fused, image and
-    cell probability of every class, then image id, centroid, area and bbox.
+    summary, first so the status bar shows it first when hovering), ``uncertainty``, then the
+    fused, image and cell probability and the uncertainty (``unc_S``) of every class, then image
+    id, centroid, area and bbox.
     """
     import pandas as pd
 
@@ -287,7 +288,7 @@ def cell_features(table: pd.DataFrame) -> pd.DataFrame:
     feats = pd.DataFrame({"index": table["cell_id"].astype(np.int64).to_numpy()})
     feats["top_class"] = table["top_class"].astype(str).to_numpy() if "top_class" in table else ""
     feats["classes"] = [summarise_cell(r) for _, r in table.iterrows()]
-    prob_cols = [f"{kind}_{s}" for kind in ("fused", "image", "cell") for s in SHORT_NAMES]
+    prob_cols = ["uncertainty"] + [f"{kind}_{s}" for kind in ("fused", "image", "cell", "unc") for s in SHORT_NAMES]
     rest = [c for c in TABLE_BASE_COLUMNS if c not in ("cell_id", "top_class")]
     for c in prob_cols + rest:
         if c in table.columns:

@@ -37,6 +37,8 @@ SUBCOMMANDS: list[str] = [
     "_train",
     "_predict",
     "_evaluate",
+    "_suggest",
+    "_finetune",
     "_export_kaggle",
     "_export_bioimageio",
     "_demo",

@@ -4,7 +4,8 @@ With ``--truth DIR`` (a folder holding ``cells.csv`` and ``{ID}_cells.png`` mask
 ``napari-cpgcn synth`` writes under ``truth/``) and a pipeline run, every evaluation image is
 segmented and predicted, predicted cells are matched to true cells at IoU ≥ 0.6, and the
 per-class AP and mAP are computed for the fused, the cell-model and the image-level scores.
-Writes ``cell_ap.csv`` and ``cell_predictions.csv``.
+Writes ``cell_ap.csv``, ``cell_predictions.csv`` and ``cell_reliability.png`` (reliability
+diagram of the fused probabilities of the matched cells, with their expected calibration error).
 """
 
 from __future__ import annotations
@@ -64,9 +65,10 @@ def evaluate_cell(args: argparse.Namespace, out: Path) -> dict:
 
         bar = progress_bar(total=len(ids), desc="cell level", unit="img")
     tables: list = []
+    masks: dict = {}
     try:
         res = evaluate_predictor(predictor, args.data, ids, truth, segmentation=args.segmentation,
-                                 use_true_cells=args.true_cells, progress=bar, tables=tables)
+                                 use_true_cells=args.true_cells, progress=bar, tables=tables, masks=masks)
     finally:
         if bar is not None:
             bar.close()
@@ -85,6 +87,18 @@ def evaluate_cell(args: argparse.Namespace, out: Path) -> dict:
              for r in rows if r["n_true_cells"] > 0]
     log.info("cell-level AP at IoU >= 0.6 (%d images)\n%-24s %6s %-6s %-6s %-6s\n%s", len(ids), "class",
              "n_true", "fused", "cell", "image", "\n".join(lines))
-    return {"cell_mAP": res["fused"].map, "cell_mAP_cell_model": res["cell"].map,
+    from napari_cpgcn.evaluation.calibration import (
+        expected_calibration_error,
+        matched_probabilities,
+        reliability_diagram,
+    )
+
+    p, y = matched_probabilities(tables, masks, truth)
+    ece = expected_calibration_error(p, y) if len(p) else float("nan")
+    if len(p):
+        reliability_diagram(out / "cell_reliability.png", {"fused": (p, y)})
+    log.info("fused probabilities of %d matched cells: expected calibration error %.4f (%s)", len(p), ece,
+             out / "cell_reliability.png")
+    return {"cell_ece_fused": ece, "cell_mAP": res["fused"].map, "cell_mAP_cell_model": res["cell"].map,
             "cell_mAP_image_model": res["image"].map, "cell_n_images": len(ids),
             "cell_classes_present": int(np.sum(res["fused"].n_true > 0))}

@@ -432,6 +432,7 @@ def evaluate_predictor(
     iou_threshold: float = KAGGLE_IOU,
     progress=None,
     tables: list | None = None,
+    masks: dict | None = None,
 ) -> dict[str, CellMAPResult]:
     """Kaggle cell-level mAP of a trained pipeline on images with cell truth.
 
@@ -451,6 +452,8 @@ def evaluate_predictor(
         tqdm-like (``update(1)`` per image) or None.
     tables
         When a list is given, each image's per-cell prediction table is appended to it.
+    masks
+        When a dict is given, each image's predicted cell mask is stored in it by image id.
 
     Returns
     -------
@@ -468,6 +471,8 @@ def evaluate_predictor(
         _add_image(accs, truth, iid, out.cells, out.table, tmask)
         if tables is not None:
             tables.append(out.table)
+        if masks is not None:
+            masks[iid] = out.cells
         if progress is not None:
             progress.update(1)
     return {k: acc.result() for k, acc in accs.items()}

@@ -3,7 +3,8 @@
 Every per-cell table in the package (prediction, pseudo-labels, exports) starts with the
 columns ``image_id, cell_id, centroid_y, centroid_x, area, bbox_y0, bbox_x0, bbox_y1,
 bbox_x1`` (bbox end exclusive, in pixels of the image); prediction tables go on with
-``top_class`` and ``image_S``, ``cell_S``, ``fused_S`` for every class short name ``S``.
+``top_class`` and ``image_S``, ``cell_S``, ``fused_S``, ``unc_S`` for every class short name ``S``
+and one ``uncertainty`` per cell (:mod:`napari_cpgcn.pipeline.uncertainty`).
 
 No Qt, no torch.
 """
@@ -26,9 +27,9 @@ GEOMETRY_COLUMNS: tuple[str, ...] = (
 def prediction_columns() -> list[str]:
     """All columns of a prediction table, in order."""
     cols = list(GEOMETRY_COLUMNS) + ["top_class"]
-    for prefix in ("image_", "cell_", "fused_"):
+    for prefix in ("image_", "cell_", "fused_", "unc_"):
         cols += [f"{prefix}{s}" for s in SHORT_NAMES]
-    return cols
+    return cols + ["uncertainty"]
 
 
 PREDICTION_COLUMNS: tuple[str, ...] = tuple(prediction_columns())

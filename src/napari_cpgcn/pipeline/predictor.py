@@ -64,7 +64,9 @@ class CellPrediction:
     cells : numpy.ndarray
         (Y, X) uint32 cell label image.
     table : pandas.DataFrame
-        One row per cell: geometry, ``top_class``, ``image_S``, ``cell_S``, ``fused_S``.
+        One row per cell: geometry, ``top_class``, ``image_S``, ``cell_S``, ``fused_S``, ``unc_S``
+        (uncertainty of the (cell, class) decision, in [0, 1]) and ``uncertainty`` (the cell's
+        largest ``unc_S``).
     """
 
     image_id: str
@@ -89,11 +91,16 @@ class CellPrediction:
     @classmethod
     def from_parts(cls, image_id: str, cells: np.ndarray, image_probs: np.ndarray, cell_probs: np.ndarray,
                    cams: np.ndarray | None = None, geometry: pd.DataFrame | None = None,
-                   fusion=None) -> CellPrediction:
+                   fusion=None, cell_spread: np.ndarray | None = None) -> CellPrediction:
         """Assemble a prediction from its parts: the per-cell table (geometry, ``top_class``, image,
-        cell and fused columns) is built here, the one place that does it. ``fusion`` is a
-        :class:`~napari_cpgcn.pipeline.fusion.FusionParams` (None: the paper's product)."""
+        cell, fused and uncertainty columns) is built here, the one place that does it. ``fusion``
+        is a :class:`~napari_cpgcn.pipeline.fusion.FusionParams` (None: the paper's product).
+        ``cell_spread`` is an (n, 19) spread in [0, 1] that raises the uncertainty above the
+        fused probabilities' entropy (:func:`~napari_cpgcn.pipeline.uncertainty.combine`); None:
+        the image/cell disagreement ``|p_image - p_cell|`` (the measured default), or the cell
+        model's test-time-augmentation spread when the predictor was asked for it."""
         from napari_cpgcn.io.celltable import cell_geometry
+        from napari_cpgcn.pipeline.uncertainty import cell_uncertainty, combine, disagreement
 
         cells = np.asarray(cells).astype(np.uint32, copy=False)
         geo = geometry if geometry is not None else cell_geometry(cells, image_id)
@@ -106,11 +113,15 @@ class CellPrediction:
             from napari_cpgcn.pipeline import fusion as fusions
 
             fused = np.asarray(fusions.fuse(image_probs, cell_probs, params=fusion), np.float32).reshape(n, N_CLASSES)
+        spread = (disagreement(image_probs, cell_probs) if cell_spread is None
+                  else np.asarray(cell_spread, np.float32).reshape(n, N_CLASSES))
+        unc = combine(fused, spread)
         cols: dict[str, Any] = {"top_class": [SHORT_NAMES[int(k)] for k in fused.argmax(1)] if n else []}
         for prefix, arr in (("image_", np.repeat(image_probs[None], n, 0)), ("cell_", cell_probs),
-                            ("fused_", fused)):
+                            ("fused_", fused), ("unc_", unc)):
             for k, s in enumerate(SHORT_NAMES):
                 cols[f"{prefix}{s}"] = arr[:, k]
+        cols["uncertainty"] = cell_uncertainty(unc)
         table = pd.concat([geo.reset_index(drop=True), pd.DataFrame(cols, index=range(n))], axis=1)
         return cls(image_id, image_probs, cams, cells, table)
 
@@ -155,7 +166,7 @@ class CPGCNPredictor:
 
     def __init__(self, image_model, image_config, cell_model, cell_config, device, *,
                  run_dir: str | Path | None = None, config: PipelineConfig | None = None,
-                 fusion=None) -> None:
+                 fusion=None, uncertainty: str = "disagreement") -> None:
         self.image_model = image_model
         self.image_config = image_config
         self.cell_model = cell_model
@@ -165,6 +176,15 @@ class CPGCNPredictor:
         self.config = config
         #: How the fused scores are made (the run's ``fusion.json``; None: the paper's product).
         self.fusion = fusion
+        #: How ``unc_S`` is made (:data:`~napari_cpgcn.pipeline.uncertainty.UNCERTAINTY_METHODS`):
+        #: ``"disagreement"`` (default: no extra pass, ranked wrong decisions as well as the
+        #: others on the synthetic benchmark), ``"tta"`` (4 cell-model passes per crop) or
+        #: ``"entropy"`` (the fused probability's entropy alone).
+        from napari_cpgcn.pipeline.uncertainty import UNCERTAINTY_METHODS
+
+        if uncertainty not in UNCERTAINTY_METHODS:
+            raise ValueError(f"uncertainty must be one of {UNCERTAINTY_METHODS}, got {uncertainty!r}")
+        self.uncertainty = uncertainty
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", *, image_checkpoint: str | Path | None = None,
@@ -229,16 +249,32 @@ class CPGCNPredictor:
     def predict_cells(self, data: np.ndarray, cells: np.ndarray, geometry: pd.DataFrame,
                       batch_size: int = 64) -> np.ndarray:
         """Cell-model probabilities (n, 19) for the cells of ``geometry`` (crops cut batch by batch)."""
-        from napari_cpgcn.models.cell import crop_cells
-        from napari_cpgcn.pipeline.inference import predict_crops
+        return self.predict_cells_tta(data, cells, geometry, batch_size, views=("id",))[0]
 
+    def predict_cells_tta(self, data: np.ndarray, cells: np.ndarray, geometry: pd.DataFrame,
+                          batch_size: int = 64, views: tuple[str, ...] | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """Cell-model probabilities (n, 19) of the plain crops and their test-time-augmentation
+        spread (n, 19) in [0, 1] over ``views`` (default
+        :data:`~napari_cpgcn.pipeline.uncertainty.TTA_VIEWS`; the first view must be ``"id"``)."""
+        from napari_cpgcn.models.cell import crop_cells
+        from napari_cpgcn.pipeline.uncertainty import TTA_VIEWS, tta_cell_probs, tta_uncertainty
+
+        views = tuple(views or TTA_VIEWS)
+        if views[0] != "id":
+            raise ValueError(f"the first test-time view must be 'id' (the plain crops), got {views}")
         c = self.cell_config
-        out = []
+        probs, spread = [], []
         for i in range(0, len(geometry), batch_size):
             crops = crop_cells(data, cells, geometry.iloc[i:i + batch_size], size=c.crop_size,
                                zero_background=c.zero_background, pad=c.crop_pad)
-            out.append(predict_crops(self.cell_model, crops, self.device, batch_size))
-        return np.concatenate(out) if out else np.zeros((0, N_CLASSES), np.float32)
+            v = tta_cell_probs(self.cell_model, crops, self.device, batch_size, views)
+            probs.append(v[0])
+            spread.append(tta_uncertainty(v) if len(views) > 1 else np.zeros_like(v[0]))
+        if not probs:
+            empty = np.zeros((0, N_CLASSES), np.float32)
+            return empty, empty.copy()
+        return np.concatenate(probs), np.concatenate(spread)
 
     def predict(
         self,
@@ -326,10 +362,15 @@ class CPGCNPredictor:
         geo = cell_geometry(cells, iid)
         yield f"cell model ({len(geo)} cells)"
         t0 = time.perf_counter()
-        cell_probs = self.predict_cells(data, cells, geo)
+        if self.uncertainty == "tta":
+            cell_probs, spread = self.predict_cells_tta(data, cells, geo)
+        else:
+            cell_probs = self.predict_cells(data, cells, geo)
+            spread = np.zeros_like(cell_probs) if self.uncertainty == "entropy" else None
         timings["cell_model"] = time.perf_counter() - t0
         yield "per-cell table"
-        pred = CellPrediction.from_parts(iid, cells, image_probs, cell_probs, cams, geo, fusion=self.fusion)
+        pred = CellPrediction.from_parts(iid, cells, image_probs, cell_probs, cams, geo, fusion=self.fusion,
+                                         cell_spread=spread)
         pred.timings, pred.qc = timings, qc
         return pred
 

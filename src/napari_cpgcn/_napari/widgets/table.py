@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CellTableWidget"]
 
-COLUMNS = ("cell", "top class", "p", "classes (fused p)", "area")
+COLUMNS = ("cell", "top class", "p", "classes (fused p)", "area", "uncertainty")
 _COLOR = {c.short: c.color for c in CLASSES}
 
 
@@ -103,6 +103,7 @@ class CellTableWidget(QWidget):
         tops = feats["top_class"].astype(str).to_numpy() if "top_class" in feats else [""] * len(feats)
         summary = feats["classes"].astype(str).to_numpy() if "classes" in feats else [""] * len(feats)
         areas = feats["area"].to_numpy() if "area" in feats else np.zeros(len(feats))
+        unc = feats["uncertainty"].to_numpy(float) if "uncertainty" in feats else np.full(len(feats), np.nan)
         for r in range(len(feats)):
             top = str(tops[r])
             p = float(feats[f"fused_{top}"].iloc[r]) if f"fused_{top}" in feats else float("nan")
@@ -112,6 +113,7 @@ class CellTableWidget(QWidget):
                 _NumItem(p, f"{p:.2f}"),
                 QTableWidgetItem(str(summary[r])),
                 _NumItem(areas[r], str(int(areas[r]))),
+                _NumItem(unc[r], f"{unc[r]:.2f}"),
             ]
             if top in _COLOR:
                 items[1].setForeground(QColor(_COLOR[top]))
