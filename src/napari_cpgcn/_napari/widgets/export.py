@@ -85,7 +85,7 @@ class ExportWidget(QWidget):
         self.folder_edit = PathEdit("dir", "folder of HPA images (default: the browser's)")
         self.run_edit = PathEdit("dir", "trained run folder")
         self.run_edit.setText(settings.get("last_run", ""))
-        RUNS.run_added.connect(self.run_edit.setText)
+        RUNS.run_added.connect(self._run_added)
         self.out_edit = PathEdit("dir", "output folder (cells.csv, masks/, …)")
         self.zarr_check = QCheckBox("also OME-Zarr (zarr/{ID}.ome.zarr: image, labels/cells, table)")
         self.folder_btn = QPushButton("Predict + export folder")
@@ -114,6 +114,11 @@ class ExportWidget(QWidget):
         lay.addWidget(fol)
         lay.addWidget(self.status)
         lay.addStretch(1)
+
+    def _run_added(self, run: str) -> None:
+        """A training finished: offer its run only when the user has not chosen one."""
+        if not self.run_edit.text():
+            self.run_edit.setText(run)
 
     # ------------------------------------------------------------------ current image
 

@@ -194,7 +194,7 @@ class PredictWidget(QWidget):
             self.set_run(last)
         if settings.get("device") in DEVICES:
             self.device_combo.setCurrentText(settings["device"])
-        RUNS.run_added.connect(self.set_run)
+        RUNS.run_added.connect(self.add_run)
 
     # ------------------------------------------------------------------ run choice
 
@@ -203,6 +203,13 @@ class PredictWidget(QWidget):
         if self.run_combo.findText(run) < 0:
             self.run_combo.insertItem(0, run)
         self.run_combo.setCurrentText(run)
+
+    def add_run(self, run: str) -> None:
+        """A run finished training: list it, but keep the user's chosen run (chosen only when none is)."""
+        if self.run_combo.findText(run) < 0:
+            self.run_combo.addItem(run)
+        if not self.run_combo.currentText().strip():
+            self.run_combo.setCurrentText(run)
 
     def _browse_run(self) -> None:
         start = self.run_combo.currentText() or str(Path.home())
