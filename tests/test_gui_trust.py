@@ -143,3 +143,110 @@ def test_predict_and_export_keep_the_chosen_run_after_a_training_ends(make_napar
     assert export.run_edit.text() == str(chosen)
     items = [predict.run_combo.itemText(i) for i in range(predict.run_combo.count())]
     assert str(chosen) in items and str(trained.resolve()) in items  # the new run is offered, not forced
+
+
+# --------------------------------------------------------------------------- stale results
+
+@pytest.fixture
+def fake_run(tmp_path, monkeypatch):
+    """A run folder whose predictor is the test stand-in (real CellPrediction, fake models)."""
+    from _fake_predictor import GridPredictor
+
+    from napari_cpgcn.pipeline import predictor as prediction
+
+    run = tmp_path / "fake-run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "stages.json").write_text("{}")
+    predictor = GridPredictor()
+    monkeypatch.setattr(prediction, "load_predictor", lambda model, device="auto": predictor)
+    return run, predictor
+
+
+def _predicted(viewer, qtbot, tmp_path, run, n=2):
+    from test_widgets import write_tiny_folder
+
+    from napari_cpgcn._napari.widgets.browser import BrowserWidget
+    from napari_cpgcn._napari.widgets.predict import PredictWidget
+
+    write_tiny_folder(tmp_path / "data", n=n)
+    browser = BrowserWidget(viewer)
+    qtbot.addWidget(browser)
+    with qtbot.waitSignal(browser.image_loaded, timeout=10000):
+        browser.set_folder(tmp_path / "data")
+    w = PredictWidget(viewer)
+    qtbot.addWidget(w)
+    w.set_run(str(run))
+    with qtbot.waitSignal(w.predicted, timeout=10000):
+        w.predict()
+    assert w.stale_reasons == [] and not w.stale_label.isVisible() and w.predict_btn.text() == "Predict"
+    return browser, w
+
+
+def test_browsing_marks_the_results_stale(make_napari_viewer, qtbot, tmp_path, fake_run):
+    viewer = make_napari_viewer()
+    browser, w = _predicted(viewer, qtbot, tmp_path, fake_run[0])
+    assert w.result.image_id == "img0"
+    with qtbot.waitSignal(browser.image_loaded, timeout=10000):
+        browser.next()
+    qtbot.waitUntil(lambda: bool(w.stale_reasons), timeout=5000)
+    text = w.stale_label.text()
+    assert "for img0" in text and "shows img1" in text
+    assert w.predict_btn.text() == "Re-predict" and w.table.stale_caption.text() == text
+    with qtbot.waitSignal(w.predicted, timeout=10000):  # re-predict: fresh again
+        w.predict()
+    assert w.result.image_id == "img1" and w.stale_reasons == [] and w.table.stale_caption.isHidden()
+
+
+def test_editing_cells_updates_rows_and_marks_stale(make_napari_viewer, qtbot, tmp_path, fake_run):
+    from napari_cpgcn._napari.widgets.export import export_current_table
+
+    viewer = make_napari_viewer()
+    _, w = _predicted(viewer, qtbot, tmp_path, fake_run[0])
+    cells = viewer.layers["cells"]
+    assert sorted(cells.features["index"]) == [1, 2, 3, 4]
+    cells.fill((10, 10), 0)  # erase cell 1
+    qtbot.waitUntil(lambda: sorted(cells.features["index"]) == [2, 3, 4], timeout=3000)
+    new_id = 9
+    cells.brush_size = 3
+    cells.paint((10, 10), new_id)  # paint a new cell where 1 was
+    qtbot.waitUntil(lambda: new_id in set(cells.features["index"]), timeout=3000)
+    feats = cells.features.set_index("index")
+    assert new_id in feats.index and bool(feats.loc[new_id, "edited"])
+    assert feats.loc[new_id, "top_class"] == "new cell: re-predict" and feats.loc[new_id, "area"] > 0
+    assert not feats.loc[[2, 3, 4], "edited"].any()
+    status = cells.get_status((10, 10), world=True)["coordinates"]
+    assert "No Properties" not in status and "re-predict" in status
+    assert w.stale_reasons and "edited" in w.stale_label.text() and "1 removed" in w.stale_label.text()
+    assert w.table.table.rowCount() == 4
+    assert any("(edited)" in w.table.table.item(r, 0).text() for r in range(4))
+    table = __import__("pandas").read_csv(export_current_table(viewer, tmp_path / "out.csv"))
+    assert 1 not in set(table["cell_id"]) and new_id in set(table["cell_id"])
+    with qtbot.waitSignal(w.predicted, timeout=10000):
+        w.predict()
+    assert w.stale_reasons == []
+
+
+def test_opening_a_second_image_replaces_the_first(make_napari_viewer, qtbot, tmp_path, fake_run):
+    from napari.layers import Layer
+
+    from napari_cpgcn._napari.reader import napari_get_reader
+    from napari_cpgcn._napari.widgets.common import current_image
+    from napari_cpgcn._napari.widgets.segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    _, w = _predicted(viewer, qtbot, tmp_path, fake_run[0], n=1)
+    seg = SegmentWidget(viewer)
+    qtbot.addWidget(seg)
+    from test_widgets import write_tiny_folder
+
+    write_tiny_folder(tmp_path / "other", n=2, size=80, seed=5)
+    path = str(tmp_path / "other" / "img1_red.png")
+    for data, kwargs, kind in napari_get_reader(path)(path):  # what File > Open adds
+        viewer.add_layer(Layer.create(data, kwargs, kind))
+    qtbot.waitUntil(lambda: all(ly.metadata.get("image_id") == "img1" for ly in viewer.layers), timeout=5000)
+    assert [ly.metadata.get("hpa_role") for ly in viewer.layers] == ["channel"] * 4
+    image = current_image(viewer)
+    assert image is not None and image.image_id == "img1" and image.shape == (80, 80)
+    qtbot.waitUntil(lambda: bool(w.stale_reasons), timeout=5000)
+    assert "shows img1" in w.stale_label.text()

@@ -407,3 +407,65 @@ def cam_layers(
 def roles(layers: Iterable[Any], role: str) -> list[Any]:
     """The napari layers among ``layers`` whose ``metadata["hpa_role"]`` is ``role``."""
     return [ly for ly in layers if getattr(ly, "metadata", {}).get("hpa_role") == role]
+
+
+#: ``Labels.features`` column set True for a cell whose pixels were edited after Predict (its
+#: scores describe the cell as it was; a new cell has none): re-predict to update them.
+EDITED_COLUMN = "edited"
+
+
+def paint_atom_ids(atoms: Iterable[Any]) -> set[int]:
+    """The label ids a napari Labels paint event touched (old values and painted values).
+
+    ``atoms`` is the event's ``value``: napari's history atoms, either ``(index, old, new)``
+    tuples (``data_setitem``) or masked atoms with ``old_values`` and ``new_value``.
+    """
+    ids: set[int] = set()
+    for atom in atoms:
+        if hasattr(atom, "old_values"):
+            old, new = atom.old_values, atom.new_value
+        else:
+            old, new = atom[1], atom[2]
+        ids.update(int(v) for v in np.unique(np.asarray(old)))
+        ids.update(int(v) for v in np.unique(np.asarray(new)))
+    ids.discard(0)
+    return ids
+
+
+def sync_features_to_mask(features: pd.DataFrame, mask: np.ndarray,
+                          touched: Iterable[int] | None = None) -> tuple[pd.DataFrame, list[int], list[int]]:
+    """``features`` made to describe the cells of ``mask`` after an edit: ``(features, removed, added)``.
+
+    Rows of cells no longer in the mask are dropped; a cell new in the mask gets a row with its
+    id, area and centroid and no scores (NaN); every touched cell that remains is marked in
+    :data:`EDITED_COLUMN`. ``touched``: the ids an edit changed (:func:`paint_atom_ids`); None
+    checks every id (a replaced mask).
+    """
+    f = features.copy()
+    if EDITED_COLUMN not in f.columns:
+        f[EDITED_COLUMN] = False
+    known = set(int(i) for i in f["index"].to_numpy()) if "index" in f.columns else set()
+    if touched is None:
+        present = set(int(v) for v in np.unique(mask)) - {0}
+        touched = known | present
+    else:
+        touched = set(int(v) for v in touched) - {0}
+        present = {i for i in touched if bool(np.any(mask == i))}
+    removed = sorted(i for i in touched & known if i not in present)
+    added = sorted(i for i in present if i not in known)
+    if removed:
+        f = f[~f["index"].isin(removed)]
+    f.loc[f["index"].isin(list(touched & present)), EDITED_COLUMN] = True
+    if added:  # new rows by reindexing (NaN scores; pandas warns when concatenating all-NaN rows)
+        f = f.set_index("index", drop=False)
+        f = f.reindex([*f.index, *added])
+        for i in added:
+            ys, xs = np.nonzero(mask == i)
+            f.loc[i, ["index", "area", "centroid_y", "centroid_x"]] = [i, ys.size, ys.mean(), xs.mean()]
+            f.loc[i, EDITED_COLUMN] = True
+            for c in ("top_class", "classes"):
+                if c in f.columns:
+                    f.loc[i, c] = "new cell: re-predict"
+        f["index"] = f["index"].astype(np.int64)
+    f[EDITED_COLUMN] = f[EDITED_COLUMN].astype(bool)
+    return f.reset_index(drop=True), removed, added

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import traceback
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ __all__ = [
     "current_image",
     "cells_layer_of",
     "prepare_torch",
+    "install_single_image",
+    "keep_only_image",
 ]
 
 
@@ -271,3 +274,42 @@ def remove_layers(viewer, layers: Iterable[Any]) -> None:
     for ly in list(layers):
         if ly in viewer.layers:
             viewer.layers.remove(ly)
+
+
+# --------------------------------------------------------------------------- one image at a time
+
+_SINGLE_IMAGE_VIEWERS: weakref.WeakSet = weakref.WeakSet()  # their layer lists
+
+
+def install_single_image(viewer) -> None:
+    """Keep one HPA image in ``viewer``: opening another (File > Open, drag and drop) replaces the first.
+
+    When channel layers of a new image id arrive, the channel, ``cells`` and CAM layers of the
+    other image ids are removed (after the insert has finished: the reader adds four layers),
+    so Segment, Predict and Export all work on the image just opened. Idempotent per viewer.
+    """
+    key = viewer.layers
+    if key in _SINGLE_IMAGE_VIEWERS:
+        return
+    _SINGLE_IMAGE_VIEWERS.add(key)
+    from qtpy.QtCore import QTimer
+
+    def inserted(event) -> None:
+        meta = getattr(event.value, "metadata", {}) or {}
+        if meta.get("hpa_role") == "channel" and meta.get("image_id"):
+            QTimer.singleShot(0, lambda: keep_only_image(viewer, meta["image_id"]))
+
+    viewer.layers.events.inserted.connect(inserted)
+
+
+def keep_only_image(viewer, image_id: str) -> list[str]:
+    """Remove the channel / cells / CAM layers of every image but ``image_id``; returns their names."""
+    others = [ly for role in ("channel", "cells", "cam") for ly in roles(viewer.layers, role)
+              if ly.metadata.get("image_id") not in (None, image_id)]
+    if not others:
+        return []
+    names = [ly.name for ly in others]
+    remove_layers(viewer, others)
+    log.info("opened %s: removed the layers of the previous image (%s)", image_id, ", ".join(names))
+    viewer.reset_view()
+    return names

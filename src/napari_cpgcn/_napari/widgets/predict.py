@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import Signal
+from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -34,10 +34,13 @@ from qtpy.QtWidgets import (
 )
 
 from napari_cpgcn._napari.layers import (
+    EDITED_COLUMN,
     LayerDataTuple,
     cam_layers,
     cells_layer,
+    paint_atom_ids,
     roles,
+    sync_features_to_mask,
     top_class_color_dict,
 )
 from napari_cpgcn.classes import CLASSES
@@ -45,8 +48,10 @@ from napari_cpgcn.classes import CLASSES
 from .common import (
     RUNS,
     cells_layer_of,
+    channel_layers_of,
     current_image,
     error_text,
+    install_single_image,
     load_settings,
     notify_error,
     notify_info,
@@ -78,6 +83,9 @@ class PredictResult:
     cams: list[LayerDataTuple]
     cells: LayerDataTuple
     table: Any  # pandas DataFrame
+    #: ``metadata["mask_version"]`` of the ``cells`` layer the results were put into (each edit
+    #: of the layer adds one): results whose version differs from the layer's are stale.
+    mask_version: int = 0
 
 
 def run_prediction(
@@ -170,6 +178,15 @@ class PredictWidget(QWidget):
         self.status.setWordWrap(True)
         self.probs_label = QLabel("")
         self.probs_label.setWordWrap(True)
+        self.stale_label = QLabel("")
+        self.stale_label.setWordWrap(True)
+        self.stale_label.setStyleSheet("color: #ff8c69; font-weight: bold;")
+        self.stale_label.setVisible(False)
+        #: Why the shown results no longer describe the viewer (empty: they do).
+        self.stale_reasons: list[str] = []
+        self._watched_cells = None
+        self._touched: set[int] = set()  # label ids painted since the last rows update
+        self._applying = False
         self.table = CellTableWidget(napari_viewer)
 
         form = QFormLayout()
@@ -184,6 +201,7 @@ class PredictWidget(QWidget):
         lay.addLayout(buttons)
         lay.addWidget(self.status)
         lay.addWidget(self.probs_label)
+        lay.addWidget(self.stale_label)
         lay.addWidget(self.table, 1)
 
         settings = load_settings()
@@ -195,6 +213,11 @@ class PredictWidget(QWidget):
         if settings.get("device") in DEVICES:
             self.device_combo.setCurrentText(settings["device"])
         RUNS.run_added.connect(self.add_run)
+        install_single_image(napari_viewer)
+        napari_viewer.layers.events.inserted.connect(self._layer_inserted)
+        napari_viewer.layers.events.removed.connect(self._schedule_check)
+        for ly in roles(napari_viewer.layers, "channel"):
+            self._watch_channel(ly)
 
     # ------------------------------------------------------------------ run choice
 
@@ -304,6 +327,24 @@ class PredictWidget(QWidget):
         except Exception as e:
             self._failed(e)
             return
+        self._applying = True  # our own layer changes are not user edits
+        try:
+            cells = self._put_layers(res, new_cams, cells_new, cells_data, cells_kw)
+        finally:
+            self._applying = False
+        self.viewer.layers.move(self.viewer.layers.index(cells), len(self.viewer.layers))
+        res.mask_version = int(cells.metadata.get("mask_version", 0))
+        cells.metadata["edits"] = []  # edits are counted from this prediction on
+        self.result = res
+        self.table.set_layer(cells)
+        self._watch_cells(cells)
+        self._apply_colors()
+        self._show_probs(res)
+        self.status.setText(f"{res.image_id}: {len(res.table)} cells, {len(res.cams)} CAM layers")
+        self.check_stale()
+        self.predicted.emit(res.image_id)
+
+    def _put_layers(self, res: PredictResult, new_cams: list, cells_new, cells_data, cells_kw):
         remove_layers(self.viewer, roles(self.viewer.layers, "cam"))
         for layer in new_cams:
             self.viewer.add_layer(layer)
@@ -315,13 +356,98 @@ class PredictWidget(QWidget):
                 cells.data = cells_data
             cells.features = cells_new.features
             cells.metadata = {**cells.metadata, **cells_kw["metadata"]}
-        self.viewer.layers.move(self.viewer.layers.index(cells), len(self.viewer.layers))
-        self.result = res
-        self.table.set_layer(cells)
-        self._apply_colors()
-        self._show_probs(res)
-        self.status.setText(f"{res.image_id}: {len(res.table)} cells, {len(res.cams)} CAM layers")
-        self.predicted.emit(res.image_id)
+        return cells
+
+    # ------------------------------------------------------------------ stale results
+
+    def _layer_inserted(self, event) -> None:
+        layer = event.value
+        if getattr(layer, "metadata", {}).get("hpa_role") == "channel":
+            self._watch_channel(layer)
+        self._schedule_check()
+
+    def _watch_channel(self, layer) -> None:
+        # the browser swaps a channel layer's data, then its metadata and name: check after both
+        layer.events.data.connect(self._schedule_check)
+        layer.events.name.connect(self._schedule_check)
+
+    def _schedule_check(self, *_: Any) -> None:
+        QTimer.singleShot(0, self.check_stale)
+
+    def _watch_cells(self, cells) -> None:
+        old = self._watched_cells
+        if old is cells:
+            return
+        if old is not None:
+            for emitter, cb in ((old.events.paint, self._cells_painted), (old.events.data, self._cells_replaced)):
+                try:
+                    emitter.disconnect(cb)
+                except Exception:  # noqa: BLE001 - already disconnected
+                    pass
+        self._watched_cells = cells
+        cells.events.paint.connect(self._cells_painted)
+        cells.events.data.connect(self._cells_replaced)
+
+    def _cells_painted(self, event) -> None:
+        """A paint / fill / erase in the ``cells`` layer: update the touched cells' rows, mark them.
+
+        napari emits ``paint`` before a masked edit reaches the data, so the rows are updated
+        once the event loop is back (edits in between are gathered into one update).
+        """
+        first = not self._touched
+        self._touched |= paint_atom_ids(getattr(event, "value", None) or [])
+        if first:
+            QTimer.singleShot(0, self._flush_paint)
+
+    def _flush_paint(self) -> None:
+        touched, self._touched = self._touched, set()
+        if touched:
+            self._cells_edited(touched)
+
+    def _cells_replaced(self, event=None) -> None:
+        if not self._applying:
+            self._cells_edited(None)
+
+    def _cells_edited(self, touched) -> None:
+        cells = self._watched_cells
+        if cells is None or self._applying or "index" not in cells.features:
+            return
+        feats, removed, added = sync_features_to_mask(cells.features, np.asarray(cells.data), touched)
+        cells.metadata["mask_version"] = int(cells.metadata.get("mask_version", 0)) + 1
+        cells.metadata["edits"] = cells.metadata.get("edits", []) + [{"removed": removed, "added": added}]
+        cells.features = feats
+        self.check_stale()
+
+    def check_stale(self) -> list[str]:
+        """Compare the shown results with the viewer (image id, ``cells`` mask version); show why they are stale."""
+        res = self.result
+        reasons: list[str] = []
+        if res is not None:
+            ids = {ly.metadata.get("image_id") for ly in channel_layers_of(self.viewer).values()}
+            shown = ids.pop() if len(ids) == 1 else None
+            if shown != res.image_id:
+                reasons.append(f"they are for {res.image_id}, the viewer shows {shown or 'no single image'}")
+            cells = self.table.layer
+            if cells is None or cells not in self.viewer.layers:
+                reasons.append("their cells layer was removed")
+            elif int(cells.metadata.get("mask_version", 0)) != res.mask_version:
+                feats = cells.features
+                n = int(feats[EDITED_COLUMN].sum()) if EDITED_COLUMN in feats else 0
+                gone = sum(len(e["removed"]) for e in cells.metadata.get("edits", []))
+                reasons.append(f"the cells were edited ({n} cells changed or new, {gone} removed; "
+                               f"rows marked '{EDITED_COLUMN}')")
+        self.stale_reasons = reasons
+        if reasons:
+            text = "Results are stale: " + "; ".join(reasons) + ". Press Re-predict."
+            self.stale_label.setText(text)
+            self.predict_btn.setText("Re-predict")
+            self.table.set_stale(text)
+        else:
+            self.stale_label.setText("")
+            self.predict_btn.setText("Predict")
+            self.table.set_stale("")
+        self.stale_label.setVisible(bool(reasons))
+        return reasons
 
     def _show_probs(self, res: PredictResult) -> None:
         order = np.argsort(-res.image_probs, kind="stable")[:5]

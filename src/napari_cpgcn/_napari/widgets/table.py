@@ -14,6 +14,7 @@ from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QHeaderView,
+    QLabel,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -65,12 +66,24 @@ class CellTableWidget(QWidget):
         hdr.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         hdr.setSectionResizeMode(3, QHeaderView.ResizeMode.Stretch)
         self.table.itemSelectionChanged.connect(self._row_selected)
+        #: Above the rows: why they are stale (hidden while they describe the viewer).
+        self.stale_caption = QLabel("")
+        self.stale_caption.setWordWrap(True)
+        self.stale_caption.setStyleSheet("color: #ff8c69;")
+        self.stale_caption.setVisible(False)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.stale_caption)
         lay.addWidget(self.table)
         self._syncing = False
 
     # ------------------------------------------------------------------ binding
+
+    def set_stale(self, text: str) -> None:
+        """Say above the rows why they no longer describe the viewer ("" hides it)."""
+        self.stale_caption.setText(text)
+        self.stale_caption.setVisible(bool(text))
+        self.table.setToolTip(text)
 
     def set_layer(self, layer) -> None:
         """Show ``layer.features`` and follow the layer's selection (None clears the table)."""
@@ -103,6 +116,7 @@ class CellTableWidget(QWidget):
         tops = feats["top_class"].astype(str).to_numpy() if "top_class" in feats else [""] * len(feats)
         summary = feats["classes"].astype(str).to_numpy() if "classes" in feats else [""] * len(feats)
         areas = feats["area"].to_numpy() if "area" in feats else np.zeros(len(feats))
+        edited = feats["edited"].to_numpy(bool) if "edited" in feats else np.zeros(len(feats), bool)
         for r in range(len(feats)):
             top = str(tops[r])
             p = float(feats[f"fused_{top}"].iloc[r]) if f"fused_{top}" in feats else float("nan")
@@ -115,10 +129,15 @@ class CellTableWidget(QWidget):
             ]
             if top in _COLOR:
                 items[1].setForeground(QColor(_COLOR[top]))
+            if edited[r]:  # pixels changed since Predict: its scores describe the old cell
+                for it in items:
+                    it.setBackground(QColor(120, 60, 30))
+                items[0].setText(f"{int(ids[r])} (edited)")
             items[3].setToolTip(self._tooltip(feats, r))
             for c, it in enumerate(items):
                 self.table.setItem(r, c, it)
         self.table.setSortingEnabled(True)
+        self.table.scrollToTop()
 
     @staticmethod
     def _tooltip(feats, r: int) -> str:
