@@ -250,3 +250,71 @@ def test_opening_a_second_image_replaces_the_first(make_napari_viewer, qtbot, tm
     assert image is not None and image.image_id == "img1" and image.shape == (80, 80)
     qtbot.waitUntil(lambda: bool(w.stale_reasons), timeout=5000)
     assert "shows img1" in w.stale_label.text()
+
+
+# --------------------------------------------------------------------------- real run: display, model card, export
+
+def test_real_run_cams_follow_probability_card_and_single_image_export(make_napari_viewer, qtbot, tmp_path,
+                                                                       tiny_data, tiny_trained, monkeypatch):
+    """The real predictor of the session's tiny run on one of its synthetic images."""
+    import json
+    import os
+
+    import numpy as np
+    import pandas as pd
+
+    from napari_cpgcn._napari.widgets.browser import BrowserWidget
+    from napari_cpgcn._napari.widgets.export import ExportWidget
+    from napari_cpgcn._napari.widgets.predict import PredictWidget
+    from napari_cpgcn.io.masks import read_mask
+    from napari_cpgcn.pipeline.model_card import model_card
+
+    run = tiny_trained[0]
+    viewer = make_napari_viewer()
+    browser = BrowserWidget(viewer)
+    qtbot.addWidget(browser)
+    with qtbot.waitSignal(browser.image_loaded, timeout=20000):
+        browser.set_folder(tiny_data / "images")
+    w = PredictWidget(viewer)
+    qtbot.addWidget(w)
+    w.device_combo.setCurrentText("cpu")
+    w.threshold.setValue(0.0)  # a layer for every class: the dim ones must look dim
+    w.set_run(str(run))
+    # the model card says what the run is, and warns: synthetic training data
+    card = model_card(run)
+    assert card.synthetic and card.n_images == 8 and card.backbone and card.start == "random initialisation"
+    assert "synthetic" in w.card_label.text() and card.backbone in w.card_label.text()
+    with qtbot.waitSignal(w.predicted, timeout=120000):
+        w.predict()
+    cams = [ly for ly in viewer.layers if ly.metadata.get("hpa_role") == "cam"]
+    assert len(cams) >= 3
+    limits = {tuple(np.round(ly.contrast_limits, 6)) for ly in cams}
+    assert len(limits) == 1, f"each CAM on its own scale: {limits}"  # one shared scale
+    probs = [ly.metadata["probability"] for ly in cams]
+    brightest = [float(np.max(ly.data)) for ly in cams]
+    for p, b in zip(probs, brightest, strict=True):
+        assert b <= p + 1e-4, (p, b)  # a map is never brighter than its class probability
+    assert [ly.visible for ly in cams] == [True] + [False] * (len(cams) - 1)  # top class only
+    cells = viewer.layers["cells"]
+    assert viewer.layers.selection.active is cells and cells.contour > 0
+    # export: CSV + mask + run record, files follow the umask
+    export = ExportWidget(viewer)
+    qtbot.addWidget(export)
+    export.csv_edit.setText("")
+    assert export.export_current() is None and "path is empty" in export.status.text()
+    assert not list(Path.home().glob(f"{w.result.image_id}_cells.csv"))
+    old = os.umask(0o022)
+    try:
+        export.csv_edit.setText(str(tmp_path / "exp" / "one.csv"))
+        out = export.export_current()
+    finally:
+        os.umask(old)
+    assert out == tmp_path / "exp" / "one.csv"
+    table = pd.read_csv(out)
+    mask = read_mask(tmp_path / "exp" / "one.mask.tif")
+    assert sorted(table["cell_id"]) == sorted(int(v) for v in np.unique(mask) if v)
+    record = json.loads((tmp_path / "exp" / "one.run.json").read_text())
+    assert record["image_id"] == w.result.image_id and record["stale"] == []
+    assert record["model"]["run"] == str(run.resolve()) and record["model"]["synthetic"] is True
+    for f in ("one.csv", "one.mask.tif", "one.run.json"):
+        assert (tmp_path / "exp" / f).stat().st_mode & 0o777 == 0o644, f

@@ -58,6 +58,8 @@ LayerDataTuple = tuple[Any, dict[str, Any], str]
 
 #: Name of the Labels layer holding the cell instance mask (shared with the Segment widget).
 CELLS_LAYER = "cells"
+#: Outline width of the ``cells`` layer after Predict: the channels and CAMs stay readable inside.
+CELL_CONTOUR = 2
 
 #: Per-cell table columns that precede the per-class probabilities.
 TABLE_BASE_COLUMNS: tuple[str, ...] = (
@@ -326,7 +328,7 @@ def cells_layer(
     """The Labels layer tuple of a cell instance mask, with the per-cell table as ``features``."""
     kwargs: dict[str, Any] = {
         "name": name,
-        "opacity": 0.4,
+        "opacity": 0.8,  # drawn as outlines (CELL_CONTOUR, set on the layer: not a constructor argument)
         "metadata": {"hpa_role": "cells", "image_id": image_id},
     }
     if table is not None:

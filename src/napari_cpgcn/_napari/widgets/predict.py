@@ -12,13 +12,14 @@ stage, so Cancel (``GeneratorWorker.quit()``) stops it at the next stage boundar
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QTimer, Signal
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -34,6 +35,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_cpgcn._napari.layers import (
+    CELL_CONTOUR,
     EDITED_COLUMN,
     LayerDataTuple,
     cam_layers,
@@ -83,6 +85,8 @@ class PredictResult:
     cams: list[LayerDataTuple]
     cells: LayerDataTuple
     table: Any  # pandas DataFrame
+    #: The run folder that made it.
+    run: str = ""
     #: ``metadata["mask_version"]`` of the ``cells`` layer the results were put into (each edit
     #: of the layer adds one): results whose version differs from the layer's are stale.
     mask_version: int = 0
@@ -114,6 +118,7 @@ def run_prediction(
     cams = [] if pred.cams is None else cam_layers(
         pred.cams, pred.image_probs, image_id=image.image_id, threshold=cam_threshold, n_visible=n_visible)
     return PredictResult(
+        run=str(model),
         image_id=image.image_id,
         image_probs=np.asarray(pred.image_probs),
         cams=cams,
@@ -130,10 +135,19 @@ class PredictWidget(QWidget):
     #: Emitted (image id) when a cancelled prediction has stopped (the viewer is unchanged).
     cancelled = Signal(str)
 
+    _instances: weakref.WeakSet = weakref.WeakSet()
+
+    @classmethod
+    def instances(cls) -> list[PredictWidget]:
+        """The Predict widgets alive (Export asks them whether their results are stale)."""
+        return list(cls._instances)
+
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
+        PredictWidget._instances.add(self)
         self.viewer = napari_viewer
         self.result: PredictResult | None = None
+        self.card = None  # the chosen run's ModelCard
         self._worker = None
         self._image_id = ""  # of the running prediction
         self._cancelling = False
@@ -149,6 +163,10 @@ class PredictWidget(QWidget):
         run_row = QHBoxLayout()
         run_row.addWidget(self.run_combo, 1)
         run_row.addWidget(browse)
+        self.card_label = QLabel("")
+        self.card_label.setWordWrap(True)
+        self.card_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.run_combo.currentTextChanged.connect(self.show_model_card)
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
         self.seg_combo = QComboBox()
@@ -160,7 +178,7 @@ class PredictWidget(QWidget):
         self.threshold.setToolTip("classes with an image-level probability above this get a CAM layer")
         self.n_visible = QSpinBox()
         self.n_visible.setRange(0, 19)
-        self.n_visible.setValue(3)
+        self.n_visible.setValue(1)  # the readable default: the top class's map only
         self.n_visible.setToolTip("CAM layers of the most probable classes shown; the others are added hidden")
         self.color_by_class = QCheckBox("colour cells by top class")
         self.color_by_class.toggled.connect(self._apply_colors)
@@ -191,6 +209,7 @@ class PredictWidget(QWidget):
 
         form = QFormLayout()
         form.addRow("Run", run_row)
+        form.addRow(self.card_label)
         form.addRow("Device", self.device_combo)
         form.addRow("Cells", self.seg_combo)
         form.addRow("CAM threshold", self.threshold)
@@ -226,6 +245,27 @@ class PredictWidget(QWidget):
         if self.run_combo.findText(run) < 0:
             self.run_combo.insertItem(0, run)
         self.run_combo.setCurrentText(run)
+
+    def show_model_card(self, run: str = "") -> None:
+        """Show what the chosen run is (folder, data, backbone, start, validation mAP) and its warnings."""
+        from html import escape
+
+        run = (run or self.run_combo.currentText()).strip()
+        self.card = None
+        if not run:
+            self.card_label.setText("")
+            return
+        from napari_cpgcn.pipeline.model_card import model_card
+
+        try:
+            self.card = card = model_card(run)
+        except (OSError, ValueError) as e:
+            self.card_label.setText(f"<i>{escape(error_text(e))}</i>")
+            return
+        lines = [escape(x) for x in card.text().splitlines() if not x.startswith("WARNING")]
+        warn = "".join(f'<br><span style="color:#ff8c69"><b>⚠ {escape(w)}</b></span>' for w in card.warnings)
+        self.card_label.setText("<small>" + "<br>".join(lines[1:]) + "</small>" + warn)
+        self.card_label.setToolTip(card.text())
 
     def add_run(self, run: str) -> None:
         """A run finished training: list it, but keep the user's chosen run (chosen only when none is)."""
@@ -335,7 +375,9 @@ class PredictWidget(QWidget):
         self.viewer.layers.move(self.viewer.layers.index(cells), len(self.viewer.layers))
         res.mask_version = int(cells.metadata.get("mask_version", 0))
         cells.metadata["edits"] = []  # edits are counted from this prediction on
+        cells.metadata["run"] = res.run
         self.result = res
+        self.viewer.layers.selection.active = cells  # hovering then shows the cell's classes
         self.table.set_layer(cells)
         self._watch_cells(cells)
         self._apply_colors()
@@ -356,6 +398,8 @@ class PredictWidget(QWidget):
                 cells.data = cells_data
             cells.features = cells_new.features
             cells.metadata = {**cells.metadata, **cells_kw["metadata"]}
+        cells.contour = CELL_CONTOUR
+        cells.opacity = cells_kw.get("opacity", cells.opacity)
         return cells
 
     # ------------------------------------------------------------------ stale results
@@ -453,7 +497,12 @@ class PredictWidget(QWidget):
         order = np.argsort(-res.image_probs, kind="stable")[:5]
         parts = [f'<span style="color:{CLASSES[k].color}">■</span> {CLASSES[k].name} {res.image_probs[k]:.2f}'
                  for k in order if res.image_probs[k] >= 0.05 or k == order[0]]
-        self.probs_label.setText("<b>Image:</b> " + ", ".join(parts))
+        self.probs_label.setText(f"<b>Image {res.image_id}:</b> " + ", ".join(parts)
+                                 + "<br><small>CAMs (brightness = map × class probability, one scale for all): "
+                                 + ", ".join(f'<span style="color:{kw["colormap"]}">■</span> '
+                                             f'{kw["metadata"]["class_name"]} {kw["metadata"]["probability"]:.2f}'
+                                             + ("" if kw["visible"] else " (hidden)") for _, kw, _ in res.cams)
+                                 + "<br>table p = fused (image × cell) probability of the top class</small>")
 
     def _apply_colors(self, *_: Any) -> None:
         cells = self.table.layer

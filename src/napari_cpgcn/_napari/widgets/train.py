@@ -188,8 +188,14 @@ def ask_existing_run_dialog(parent: QWidget, run: Path, summary: str) -> str:
 def _train_events(data_dir: str, labels_csv: str, out_dir: str, config, should_stop) -> Iterator[Event]:
     """Worker body."""
     from napari_cpgcn.pipeline import train_pipeline
+    from napari_cpgcn.pipeline.model_card import write_training_data_record
 
-    yield from train_pipeline(data_dir, labels_csv, out_dir, config, should_stop)
+    recorded = False
+    for ev in train_pipeline(data_dir, labels_csv, out_dir, config, should_stop):
+        if not recorded:  # the pipeline has checked the folder and saved config.json: the run is ours
+            write_training_data_record(out_dir, data_dir, labels_csv)
+            recorded = True
+        yield ev
 
 
 # --------------------------------------------------------------------------- the plot
