@@ -318,3 +318,23 @@ def test_real_run_cams_follow_probability_card_and_single_image_export(make_napa
     assert record["model"]["run"] == str(run.resolve()) and record["model"]["synthetic"] is True
     for f in ("one.csv", "one.mask.tif", "one.run.json"):
         assert (tmp_path / "exp" / f).stat().st_mode & 0o777 == 0o644, f
+
+
+def test_row_click_centres_and_zooms_on_the_cell(make_napari_viewer, qtbot, tmp_path, fake_run):
+    viewer = make_napari_viewer()
+    _, w = _predicted(viewer, qtbot, tmp_path, fake_run[0])
+    scene = getattr(viewer, "scene", None)
+    camera = scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+    viewer.reset_view()
+    fit = camera.zoom
+    assert w.table.table.verticalScrollBar().value() == 0  # opens at the top
+    w.table.select_cell(2)
+    feats = viewer.layers["cells"].features.set_index("index")
+    assert tuple(camera.center[-2:]) == pytest.approx((feats.loc[2, "centroid_y"], feats.loc[2, "centroid_x"]), abs=0.5)
+    side = max(feats.loc[2, "bbox_y1"] - feats.loc[2, "bbox_y0"], feats.loc[2, "bbox_x1"] - feats.loc[2, "bbox_x0"])
+    assert camera.zoom == pytest.approx(fit * max(64 / (3 * side), 1.0), rel=0.01)
+    feats.loc[2, ["bbox_y1", "bbox_x1"]] = feats.loc[2, ["bbox_y0", "bbox_x0"]].to_numpy() + 4  # a small cell
+    viewer.layers["cells"].features = feats.reset_index()
+    w.table.table.clearSelection()
+    w.table.select_cell(2)
+    assert camera.zoom == pytest.approx(fit * 64 / 12, rel=0.01)  # zoomed in: 4 px span a third of the view

@@ -181,9 +181,25 @@ class CellTableWidget(QWidget):
                 scene = getattr(self.viewer, "scene", None)  # napari >= 0.9 moved the camera
                 camera = scene.camera if scene is not None and hasattr(scene, "camera") else self.viewer.camera
                 camera.center = tuple(float(v) for v in world[-2:])
+                self._zoom_to(row, camera)
         finally:
             self._syncing = False
         self.cell_chosen.emit(cell_id)
+
+    def _zoom_to(self, row, camera) -> None:
+        """Zoom so that the cell's bounding box spans about a third of the view (centre kept; a big
+        cell: the whole-image zoom)."""
+        cols = ("bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1")
+        if not all(c in row for c in cols) or row[list(cols)].isna().any(axis=None):
+            return
+        y0, x0, y1, x1 = (float(row[c].iloc[0]) for c in cols)
+        side = max(y1 - y0, x1 - x0, 1.0)
+        shape = self.layer.data.shape[-2:]
+        center = tuple(camera.center)
+        self.viewer.reset_view()  # the zoom that fits the whole image: the scale to start from
+        fit = float(camera.zoom)
+        camera.zoom = fit * max(max(shape) / (3.0 * side), 1.0)  # data pixels both: a unitless ratio
+        camera.center = center
 
     def _label_selected(self, event=None) -> None:
         if self._syncing or self.layer is None:
