@@ -485,7 +485,7 @@ class PredictWidget(QWidget):
             text = "Results are stale: " + "; ".join(reasons) + ". Press Re-predict."
             self.stale_label.setText(text)
             self.predict_btn.setText("Re-predict")
-            self.table.set_stale(text)
+            self.table.set_stale("These rows are stale (" + reasons[0].split(" (")[0] + "): press Re-predict.")
         else:
             self.stale_label.setText("")
             self.predict_btn.setText("Predict")
