@@ -69,6 +69,10 @@ log = logging.getLogger(__name__)
 __all__ = ["PredictWidget", "PredictResult", "run_prediction"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+#: CAM layers are kept at most this large (shown with ``scale`` over the image): a CAM is a
+#: model's coarse feature grid upsampled, and full-resolution float layers of a 2048² image made
+#: adding, colouring and removing them stall the viewer for seconds.
+CAM_MAX_SIDE = 512
 #: (label, predictor ``segmentation`` argument); None = the viewer's ``cells`` layer, else the
 #: method the run was trained with (a cellpose-trained run is not predicted on classical cells).
 SEGMENTATIONS = (("'cells' layer if present, else as the run was trained", None),
@@ -116,7 +120,8 @@ def run_prediction(
     pred = yield from prediction.iter_predict(predictor, image, cells, segmentation, with_cams=True)
     yield "building layers"
     cams = [] if pred.cams is None else cam_layers(
-        pred.cams, pred.image_probs, image_id=image.image_id, threshold=cam_threshold, n_visible=n_visible)
+        pred.cams, pred.image_probs, image_id=image.image_id, threshold=cam_threshold, n_visible=n_visible,
+        max_side=CAM_MAX_SIDE)
     return PredictResult(
         run=str(model),
         image_id=image.image_id,
