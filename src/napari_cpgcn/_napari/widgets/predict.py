@@ -49,6 +49,7 @@ from napari_cpgcn.classes import CLASSES
 
 from .common import (
     RUNS,
+    batched,
     cells_layer_of,
     channel_layers_of,
     current_image,
@@ -392,6 +393,10 @@ class PredictWidget(QWidget):
         self.predicted.emit(res.image_id)
 
     def _put_layers(self, res: PredictResult, new_cams: list, cells_new, cells_data, cells_kw):
+        with batched(self.viewer):  # one scene-graph update for the whole swap
+            return self._swap_layers(res, new_cams, cells_new, cells_data, cells_kw)
+
+    def _swap_layers(self, res: PredictResult, new_cams: list, cells_new, cells_data, cells_kw):
         remove_layers(self.viewer, roles(self.viewer.layers, "cam"))
         for layer in new_cams:
             self.viewer.add_layer(layer)
