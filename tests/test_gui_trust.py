@@ -311,6 +311,7 @@ def test_real_run_cams_follow_probability_card_and_single_image_export(make_napa
     finally:
         os.umask(old)
     assert out == tmp_path / "exp" / "one.csv"
+    assert "Model card: trained on synthetic images" in export.status.text()
     table = pd.read_csv(out)
     mask = read_mask(tmp_path / "exp" / "one.mask.tif")
     assert sorted(table["cell_id"]) == sorted(int(v) for v in np.unique(mask) if v)

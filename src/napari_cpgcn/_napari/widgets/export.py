@@ -178,10 +178,24 @@ class ExportWidget(QWidget):
         msg = f"wrote {out.name}, {paths['mask'].name}, {paths['record'].name} in {out.parent}"
         if stale:
             msg += " (results are stale: " + "; ".join(stale) + ")"
+        warnings = self._card_warnings(paths["record"])
+        if warnings:
+            msg += ". Model card: " + "; ".join(warnings)
         self.status.setText(msg)
         notify_info(msg)
         self.exported.emit(str(out))
         return out
+
+    @staticmethod
+    def _card_warnings(record: Path) -> list[str]:
+        """The model card's warnings from the run record just written (shown with the export)."""
+        import json
+
+        try:
+            model = json.loads(record.read_text(encoding="utf-8")).get("model") or {}
+        except (OSError, ValueError):
+            return []
+        return list(model.get("warnings") or [])
 
     def _stale_reasons(self) -> list[str]:
         """The Predict widget's stale reasons, when one is docked in this viewer."""
