@@ -11,6 +11,14 @@ Run (needs an X server; under a headless machine use Xvfb)::
     xvfb-run -a .venv/bin/python benchmarks/bench_gui_responsiveness.py
 
 Prints a table of tick delays (median, 95th, 99th percentile, worst) per condition.
+
+``--actions FOLDER --run RUN`` measures the viewer's actions on real images instead (issue 19):
+open an image (HPA browser), Predict (a ``cells`` layer from FOLDER's ``{ID}_predictedmask.png``
+is given, so the time is the widget's, not segmentation's), colour cells by top class, edit the
+cells (one painted stroke), browse to the next image after a prediction. Worst tick per action::
+
+    xvfb-run -a .venv/bin/python benchmarks/bench_gui_responsiveness.py --actions ../shared/data/hpa-samples \
+        --run RUN
 """
 
 from __future__ import annotations
@@ -40,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-s", type=float, default=3.0)
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--verbose", action="store_true", help="list every delay > 100 ms with the stage it fell in")
+    ap.add_argument("--actions", metavar="FOLDER", help="measure the viewer's actions on FOLDER's images instead")
+    ap.add_argument("--run", help="with --actions: the trained run Predict uses")
     args = ap.parse_args(argv)
+    if args.actions:
+        return actions_main(args)
 
     import torch
 
@@ -131,6 +143,116 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  delay {d:6.0f} ms at {t / 1000:7.2f} s, after event: {before[0]}")
     worst = _stats(delays["training"])["worst"]
     print(f"worst delay while training: {worst:.0f} ms ({'meets' if worst < 200 else 'misses'} the < 200 ms target)")
+    viewer.close()
+    return 0
+
+
+def actions_main(args) -> int:
+    """Worst 20 ms tick per viewer action on real images (see the module docstring)."""
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
+    import napari
+    from qtpy.QtCore import QElapsedTimer, QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from napari_cpgcn._napari.widgets.browser import BrowserWidget
+    from napari_cpgcn._napari.widgets.predict import PredictWidget
+    from napari_cpgcn.io.masks import read_mask
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_gui_actions_"))
+    os.environ.setdefault("NAPARI_CPGCN_CONFIG_DIR", str(tmp / "config"))
+    folder = Path(args.actions)
+    viewer = napari.Viewer(show=True)
+    app = QApplication.instance()
+    clock = QElapsedTimer()
+    state = {"last": None, "delays": []}
+
+    def tick():
+        now = clock.elapsed()
+        if state["last"] is not None:
+            state["delays"].append(max(0.0, now - state["last"] - args.tick_ms))
+        state["last"] = now
+
+    timer = QTimer()
+    timer.setInterval(args.tick_ms)
+    timer.timeout.connect(tick)
+    clock.start()
+    timer.start()
+
+    def pump(seconds: float, until=None) -> float:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds and not (until and until()):
+            app.processEvents()
+            time.sleep(0.001)
+        return time.perf_counter() - t0
+
+    rows: list[tuple[str, float, dict[str, float]]] = []
+
+    def measure(name: str, action, until, settle: float = 0.5, limit: float = 300.0) -> None:
+        pump(0.3)
+        state["delays"], state["last"] = [], clock.elapsed()  # a synchronous action delays the next tick
+        t0 = time.perf_counter()
+        action()
+        pump(limit, until)
+        seconds = time.perf_counter() - t0
+        pump(settle)
+        rows.append((name, seconds, _stats(state["delays"])))
+
+    browser = BrowserWidget(viewer)
+    viewer.window.add_dock_widget(browser, name="HPA browser")
+    predict = PredictWidget(viewer)
+    viewer.window.add_dock_widget(predict, name="Predict")
+    predict.device_combo.setCurrentText("cpu")
+    predict.set_run(str(args.run))
+    loaded: list[str] = []
+    browser.image_loaded.connect(loaded.append)
+    measure("open image (browser)", lambda: browser.set_folder(folder), lambda: bool(loaded))
+    image_id = loaded[-1]
+    shape = next(ly.data.shape for ly in viewer.layers)
+    mask_path = folder / f"{image_id}_predictedmask.png"
+    mask = read_mask(mask_path) if mask_path.is_file() else None
+
+    def add_cells():
+        if mask is not None:
+            viewer.add_labels(mask, name="cells", metadata={"hpa_role": "cells", "image_id": image_id})
+
+    measure("add the cells mask", add_cells, lambda: True)
+    done: list[str] = []
+    predict.predicted.connect(done.append)
+    finished = {"v": False}
+
+    def start():
+        predict.predict()
+        if predict._worker is not None:
+            predict._worker.finished.connect(lambda: finished.update(v=True))
+        else:
+            finished.update(v=True)
+
+    measure("Predict (first: imports, model, layers)", start, lambda: bool(done) or finished["v"], settle=1.0)
+    done.clear()
+    finished["v"] = False
+    measure("Predict again", start, lambda: bool(done) or finished["v"], settle=1.0)
+    measure("colour cells by top class", lambda: predict.color_by_class.setChecked(True), lambda: True)
+    measure("colour back (label colours)", lambda: predict.color_by_class.setChecked(False), lambda: True)
+    cells = next((ly for ly in viewer.layers if ly.name == "cells"), None)
+    if cells is not None:
+        cells.brush_size = 40
+
+        def stroke():
+            cy, cx = (s // 2 for s in cells.data.shape[-2:])
+            cells.paint((cy, cx), int(cells.data.max()) + 1)
+
+        measure("paint a new cell (edit)", stroke, lambda: True)
+    n = len(loaded)
+    measure("browse to the next image (after Predict)", browser.next, lambda: len(loaded) > n, settle=1.0)
+    timer.stop()
+    print(f"Worst GUI-thread stall per action (tick every {args.tick_ms} ms; torch threads {args.torch_threads}; "
+          f"image {image_id} {shape[-1]}x{shape[-2]}; run {Path(args.run).name}; napari_cpgcn from "
+          f"{Path(__import__('napari_cpgcn').__file__).parent})")
+    print(f"{'action':<42} {'seconds':>8} {'ticks':>6} {'median ms':>10} {'p99 ms':>8} {'worst ms':>9}")
+    for name, seconds, st in rows:
+        print(f"{name:<42} {seconds:>8.2f} {st['ticks']:>6d} {st['median']:>10.1f} {st['p99']:>8.1f} {st['worst']:>9.1f}")
     viewer.close()
     return 0
 

@@ -115,18 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     pred_dock, pred = dock("Predict (CAMs + per-cell table)")
     pred.set_run(str(Path(args.run).resolve()))
     pred.device_combo.setCurrentText("cpu")
-    pred.threshold.setValue(0.25)  # the demo model is unsure: show its three most probable classes
     pred.predict()
     wait_for(app, pred.predicted)
     settle(app, 0.5)
-    cells = viewer.layers["cells"]
-    cells.contour = 6
-    cells.opacity = 0.9
+    cells = viewer.layers["cells"]  # the widget's defaults: outlines, top-class CAM only
     pred.color_by_class.setChecked(True)
     viewer.layers[f"{IMAGE_ID} red"].visible = False  # protein (green) and nuclei (blue) under the CAMs
-    cams = [ly for ly in viewer.layers if ly.metadata.get("hpa_role") == "cam"]
-    for ly in cams:
-        ly.opacity = 0.5
     # the table sorted by probability; its first cell selected (the view centres on it)
     from qtpy.QtCore import Qt
 
@@ -145,13 +139,40 @@ def main(argv: list[str] | None = None) -> int:
     show_hover(app, viewer, cells, pos)
     save(viewer, "gui_predict.png")
 
-    # 3. the same, zoomed on the selected cell, CAMs only for the top class
-    camera = viewer.scene.camera if hasattr(getattr(viewer, "scene", None), "camera") else viewer.camera
-    camera.center = pos
-    camera.zoom = camera.zoom * 3
+    # 3. a row click: centred and zoomed on that cell
+    pred.table.table.clearSelection()
+    pred.table.select_cell(k)
     settle(app, 0.5)
     show_hover(app, viewer, cells, pos)
     save(viewer, "gui_predict_zoom.png")
+
+    # 4. export the image: CSV + mask + run record (with the model card)
+    exp_dock, exp = dock("Export per-cell CSV")
+    exp.csv_edit.setText(str(Path(tempfile.mkdtemp(prefix="cpgcn_export_")) / f"{IMAGE_ID}.csv"))
+    exp.export_current()
+    settle(app, 0.5)
+    save(viewer, "gui_export.png")
+    # 5. stale: browse to the next image; the Predict widget says its results are for the old one
+    exp_dock.hide()
+    browser_dock.show()
+    browser.next()
+    wait_for(app, browser.image_loaded)
+    viewer.reset_view()
+    settle(app, 1.0)
+    save(viewer, "gui_stale.png")
+    # 6. Train on the run folder Predict used: it asks (here answered "cancel") and keeps every file
+    browser_dock.hide()
+    pred_dock.hide()
+    train_dock, train = dock("Train (CP-GCN pipeline)")
+    train.data_edit.setText(str(SAMPLES))
+    train.csv_edit.setText(str(SAMPLES.parent / "kaggle2021-train-labels.csv"))
+    train.out_edit.setText(str(Path(args.run).resolve()))
+    train.ask_existing_run = lambda run, summary: "cancel"
+    train.start()
+    settle(app, 1.0)
+    save(viewer, "gui_train_existing.png")
+    train_dock.hide()
+    pred_dock.show()
 
     if args.stacked:  # the alternative design, for comparison
         cam_layers_ = [ly for ly in viewer.layers if ly.metadata.get("hpa_role") == "cam"]

@@ -187,7 +187,9 @@ def test_predict_adds_cams_cells_features_and_table(make_napari_viewer, qtbot, t
     assert names[-1] == "cells"  # on top
     assert names[4:6] == [f"CAM {CLASSES[2].name}", f"CAM {CLASSES[7].name}"]
     cam = viewer.layers[f"CAM {CLASSES[7].name}"]
-    assert cam.blending == "additive" and cam.visible and cam.metadata["probability"] == pytest.approx(0.85)
+    assert cam.blending == "additive" and cam.metadata["probability"] == pytest.approx(0.85)
+    # the readable default (issue 19): only the top class's CAM is visible, the others are there hidden
+    assert viewer.layers[f"CAM {CLASSES[2].name}"].visible and not cam.visible
     cells = viewer.layers["cells"]
     feats = cells.features
     assert list(feats["index"]) == [1, 2, 3, 4]

@@ -58,6 +58,8 @@ LayerDataTuple = tuple[Any, dict[str, Any], str]
 
 #: Name of the Labels layer holding the cell instance mask (shared with the Segment widget).
 CELLS_LAYER = "cells"
+#: Outline width of the ``cells`` layer after Predict: the channels and CAMs stay readable inside.
+CELL_CONTOUR = 2
 
 #: Per-cell table columns that precede the per-class probabilities.
 TABLE_BASE_COLUMNS: tuple[str, ...] = (
@@ -327,7 +329,7 @@ def cells_layer(
     """The Labels layer tuple of a cell instance mask, with the per-cell table as ``features``."""
     kwargs: dict[str, Any] = {
         "name": name,
-        "opacity": 0.4,
+        "opacity": 0.8,  # drawn as outlines (CELL_CONTOUR, set on the layer: not a constructor argument)
         "metadata": {"hpa_role": "cells", "image_id": image_id},
     }
     if table is not None:
@@ -346,6 +348,7 @@ def cam_layers(
     opacity: float = 0.7,
     include_negative: bool = False,
     floor: float = 0.2,
+    max_side: int | None = None,
 ) -> list[LayerDataTuple]:
     """One image layer per predicted class: the class activation map in the class colour.
 
@@ -368,6 +371,11 @@ def cam_layers(
         Lower contrast limit as a fraction of the map's maximum: the weak, diffuse tail of an
         upsampled CAM stays transparent and only where the model looked lights up (the data
         are untouched; drag the contrast slider to see all of it).
+    max_side
+        Keep each map at most this many pixels on its longer side: a map is smooth (a model's
+        feature grid, upsampled), so it is block-averaged by an integer factor f and shown with
+        ``scale = (f, f)`` and ``translate = ((f-1)/2, (f-1)/2)`` over the image's pixels. A 2048²
+        image's maps at 512² are 16 times cheaper to add, draw and remove on the GUI thread.
 
     Returns
     -------
@@ -382,9 +390,13 @@ def cam_layers(
     order = [int(k) for k in np.argsort(-probs, kind="stable") if include_negative or k != NEGATIVE]
     chosen = [k for k in order if probs[k] >= threshold] or order[:1]
     out: list[LayerDataTuple] = []
+    factor = 1
+    if max_side and max(cams.shape[1:]) > max_side:
+        factor = int(np.ceil(max(cams.shape[1:]) / max_side))
     for rank, k in enumerate(chosen):
         cam = np.asarray(cams[k], dtype=np.float32)
         hi = float(np.nanmax(cam)) if cam.size else 1.0
+        cam = block_mean(cam, factor)
         top = max(hi, 1e-6) if hi > 1.0 else 1.0
         kwargs = {
             "name": f"CAM {CLASSES[k].name}",
@@ -393,8 +405,11 @@ def cam_layers(
             "opacity": opacity,
             "contrast_limits": [floor * top, top],
             "visible": rank < n_visible,
+            "scale": (float(factor), float(factor)),
+            "translate": ((factor - 1) / 2, (factor - 1) / 2),
             "metadata": {
                 "hpa_role": "cam",
+                "image_shape": tuple(int(v) for v in cams.shape[1:]),
                 "class_index": k,
                 "class_name": CLASSES[k].name,
                 "probability": float(probs[k]),
@@ -405,6 +420,79 @@ def cam_layers(
     return out
 
 
+def block_mean(a: np.ndarray, f: int) -> np.ndarray:
+    """``a`` (Y, X) averaged over f×f blocks (edges padded by repetition); ``a`` itself when f = 1."""
+    if f <= 1:
+        return a
+    y, x = a.shape
+    py, px = -y % f, -x % f
+    if py or px:
+        a = np.pad(a, ((0, py), (0, px)), mode="edge")
+    return a.reshape(a.shape[0] // f, f, a.shape[1] // f, f).mean(axis=(1, 3), dtype=np.float32)
+
+
 def roles(layers: Iterable[Any], role: str) -> list[Any]:
     """The napari layers among ``layers`` whose ``metadata["hpa_role"]`` is ``role``."""
     return [ly for ly in layers if getattr(ly, "metadata", {}).get("hpa_role") == role]
+
+
+#: ``Labels.features`` column set True for a cell whose pixels were edited after Predict (its
+#: scores describe the cell as it was; a new cell has none): re-predict to update them.
+EDITED_COLUMN = "edited"
+
+
+def paint_atom_ids(atoms: Iterable[Any]) -> set[int]:
+    """The label ids a napari Labels paint event touched (old values and painted values).
+
+    ``atoms`` is the event's ``value``: napari's history atoms, either ``(index, old, new)``
+    tuples (``data_setitem``) or masked atoms with ``old_values`` and ``new_value``.
+    """
+    ids: set[int] = set()
+    for atom in atoms:
+        if hasattr(atom, "old_values"):
+            old, new = atom.old_values, atom.new_value
+        else:
+            old, new = atom[1], atom[2]
+        ids.update(int(v) for v in np.unique(np.asarray(old)))
+        ids.update(int(v) for v in np.unique(np.asarray(new)))
+    ids.discard(0)
+    return ids
+
+
+def sync_features_to_mask(features: pd.DataFrame, mask: np.ndarray,
+                          touched: Iterable[int] | None = None) -> tuple[pd.DataFrame, list[int], list[int]]:
+    """``features`` made to describe the cells of ``mask`` after an edit: ``(features, removed, added)``.
+
+    Rows of cells no longer in the mask are dropped; a cell new in the mask gets a row with its
+    id, area and centroid and no scores (NaN); every touched cell that remains is marked in
+    :data:`EDITED_COLUMN`. ``touched``: the ids an edit changed (:func:`paint_atom_ids`); None
+    checks every id (a replaced mask).
+    """
+    f = features.copy()
+    if EDITED_COLUMN not in f.columns:
+        f[EDITED_COLUMN] = False
+    known = set(int(i) for i in f["index"].to_numpy()) if "index" in f.columns else set()
+    if touched is None:
+        present = set(int(v) for v in np.unique(mask)) - {0}
+        touched = known | present
+    else:
+        touched = set(int(v) for v in touched) - {0}
+        present = {i for i in touched if bool(np.any(mask == i))}
+    removed = sorted(i for i in touched & known if i not in present)
+    added = sorted(i for i in present if i not in known)
+    if removed:
+        f = f[~f["index"].isin(removed)]
+    f.loc[f["index"].isin(list(touched & present)), EDITED_COLUMN] = True
+    if added:  # new rows by reindexing (NaN scores; pandas warns when concatenating all-NaN rows)
+        f = f.set_index("index", drop=False)
+        f = f.reindex([*f.index, *added])
+        for i in added:
+            ys, xs = np.nonzero(mask == i)
+            f.loc[i, ["index", "area", "centroid_y", "centroid_x"]] = [i, ys.size, ys.mean(), xs.mean()]
+            f.loc[i, EDITED_COLUMN] = True
+            for c in ("top_class", "classes"):
+                if c in f.columns:
+                    f.loc[i, c] = "new cell: re-predict"
+        f["index"] = f["index"].astype(np.int64)
+    f[EDITED_COLUMN] = f[EDITED_COLUMN].astype(bool)
+    return f.reset_index(drop=True), removed, added

@@ -30,6 +30,7 @@ from .common import (
     PathEdit,
     channel_layers_of,
     error_text,
+    install_single_image,
     notify_error,
     remove_layers,
     start_worker,
@@ -68,6 +69,7 @@ class BrowserWidget(QWidget):
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
         self.viewer = napari_viewer
+        install_single_image(napari_viewer)
         self.folder: str | None = None
         self.labels_csv: str | None = None
         self._labels: dict[str, Any] = {}
@@ -203,6 +205,7 @@ class BrowserWidget(QWidget):
         if self._pending is not None:  # a newer request supersedes this one
             return
         existing = channel_layers_of(self.viewer)
+        old_shape = next((tuple(ly.data.shape) for ly in existing.values()), None)
         stale = [ly for ly in (*roles(self.viewer.layers, "cells"), *roles(self.viewer.layers, "cam"))
                  if ly.metadata.get("image_id") != image_id]
         stale += [ly for ly in self.viewer.layers if ly.name == "cells" and ly not in stale
@@ -222,6 +225,8 @@ class BrowserWidget(QWidget):
             layer.contrast_limits = keep or kwargs["contrast_limits"]
             layer.metadata = kwargs["metadata"]
             layer.name = kwargs["name"]
+        if old_shape is not None and old_shape != tuple(np.shape(tuples[0][0])):
+            self.viewer.reset_view()  # another size: the old view would show a corner or a speck
         self._show_labels(tuples[0][1]["metadata"])
         self.status.setText(f"{image_id} ({self.list.currentRow() + 1}/{self.list.count()})")
         self.image_loaded.emit(image_id)

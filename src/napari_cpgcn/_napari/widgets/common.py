@@ -5,6 +5,7 @@ Qt lives here and in the other ``_widgets`` modules only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -12,6 +13,7 @@ import logging
 import os
 import sys
 import traceback
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,8 @@ __all__ = [
     "current_image",
     "cells_layer_of",
     "prepare_torch",
+    "install_single_image",
+    "keep_only_image",
 ]
 
 
@@ -267,7 +271,60 @@ def cells_layer_of(viewer, image_id: str | None = None):
     return candidates[-1] if candidates else None
 
 
+def batched(viewer):
+    """A context in which napari updates its scene graph once, at the end (``LayerList.batched_update``).
+
+    Why: napari's canvas runs ``gc.collect()`` after every removed layer; with torch loaded that
+    took 0.8 s per layer here, so removing a prediction's ten layers froze the viewer for ~8 s.
+    """
+    batch = getattr(viewer.layers, "batched_update", None)
+    return batch() if batch is not None else contextlib.nullcontext()
+
+
 def remove_layers(viewer, layers: Iterable[Any]) -> None:
-    for ly in list(layers):
-        if ly in viewer.layers:
+    """Remove ``layers`` from the viewer in one scene-graph update."""
+    todo = [ly for ly in layers if ly in viewer.layers]
+    if not todo:
+        return
+    with batched(viewer):
+        for ly in todo:
             viewer.layers.remove(ly)
+
+
+# --------------------------------------------------------------------------- one image at a time
+
+_SINGLE_IMAGE_VIEWERS: weakref.WeakSet = weakref.WeakSet()  # their layer lists
+
+
+def install_single_image(viewer) -> None:
+    """Keep one HPA image in ``viewer``: opening another (File > Open, drag and drop) replaces the first.
+
+    When channel layers of a new image id arrive, the channel, ``cells`` and CAM layers of the
+    other image ids are removed (after the insert has finished: the reader adds four layers),
+    so Segment, Predict and Export all work on the image just opened. Idempotent per viewer.
+    """
+    key = viewer.layers
+    if key in _SINGLE_IMAGE_VIEWERS:
+        return
+    _SINGLE_IMAGE_VIEWERS.add(key)
+    from qtpy.QtCore import QTimer
+
+    def inserted(event) -> None:
+        meta = getattr(event.value, "metadata", {}) or {}
+        if meta.get("hpa_role") == "channel" and meta.get("image_id"):
+            QTimer.singleShot(0, lambda: keep_only_image(viewer, meta["image_id"]))
+
+    viewer.layers.events.inserted.connect(inserted)
+
+
+def keep_only_image(viewer, image_id: str) -> list[str]:
+    """Remove the channel / cells / CAM layers of every image but ``image_id``; returns their names."""
+    others = [ly for role in ("channel", "cells", "cam") for ly in roles(viewer.layers, role)
+              if ly.metadata.get("image_id") not in (None, image_id)]
+    if not others:
+        return []
+    names = [ly.name for ly in others]
+    remove_layers(viewer, others)
+    log.info("opened %s: removed the layers of the previous image (%s)", image_id, ", ".join(names))
+    viewer.reset_view()
+    return names

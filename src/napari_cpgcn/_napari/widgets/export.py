@@ -12,6 +12,7 @@ import logging
 import threading
 from pathlib import Path
 
+import numpy as np
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -45,20 +46,61 @@ log = logging.getLogger(__name__)
 __all__ = ["ExportWidget", "export_current_table"]
 
 
-def export_current_table(viewer, path: str | Path) -> Path:
-    """Write the current image's per-cell table (from the ``cells`` layer features) as CSV, atomically."""
-    from napari_cpgcn._napari.layers import table_from_features
-    from napari_cpgcn.io.atomic import atomic_write_text
+def export_paths(csv_path: str | Path) -> dict[str, Path]:
+    """Where a single-image export goes: ``X.csv``, its mask ``X.mask.tif`` and its record ``X.run.json``."""
+    csv_path = Path(csv_path)
+    stem = csv_path.with_suffix("") if csv_path.suffix.lower() == ".csv" else csv_path
+    return {"csv": stem.with_suffix(".csv"), "mask": Path(f"{stem}.mask.tif"), "record": Path(f"{stem}.run.json")}
 
+
+def export_current_table(viewer, path: str | Path, stale: list[str] | None = None) -> Path:
+    """Write the current image's per-cell table, its cell mask and a run record, each atomically.
+
+    The CSV is the ``cells`` layer's features in the canonical column order (plus ``edited``
+    when cells were edited after Predict); the mask is the layer's data (:func:`io.masks.write_mask`,
+    the ids of the CSV's ``cell_id``); the record (JSON) names the image, the mask version, the
+    run and its model card, and why the results are stale (``stale``), if they are.
+
+    Raises
+    ------
+    ValueError
+        An empty ``path``, or no per-cell table yet.
+    """
+    import json
+
+    from napari_cpgcn._napari.layers import EDITED_COLUMN, table_from_features
+    from napari_cpgcn.io.atomic import atomic_write_text
+    from napari_cpgcn.io.masks import write_mask
+
+    if not str(path).strip():
+        raise ValueError("choose where to write the CSV (the path is empty)")
     chans = channel_layers_of(viewer)
     image_id = next(iter(chans.values())).metadata.get("image_id") if chans else None
     layer = cells_layer_of(viewer, image_id)
     if layer is None or "index" not in layer.features or len(layer.features) == 0:
         raise ValueError("no per-cell table yet: run Predict on the image first (the 'cells' layer has no features)")
-    table = table_from_features(layer.features, image_id=layer.metadata.get("image_id") or image_id)
-    path = Path(path)
-    atomic_write_text(path, table.to_csv(index=False, float_format="%.6g"))
-    return path
+    image_id = layer.metadata.get("image_id") or image_id
+    table = table_from_features(layer.features, image_id=image_id)
+    if EDITED_COLUMN in layer.features:
+        table[EDITED_COLUMN] = layer.features[EDITED_COLUMN].to_numpy(bool)
+    paths = export_paths(Path(path).expanduser())
+    atomic_write_text(paths["csv"], table.to_csv(index=False, float_format="%.6g"))
+    write_mask(paths["mask"], np.asarray(layer.data))
+    run = layer.metadata.get("run")
+    card = None
+    if run:
+        from napari_cpgcn.pipeline.model_card import model_card
+
+        try:
+            card = model_card(run).to_dict()
+        except (OSError, ValueError) as e:
+            card = {"run": run, "error": error_text(e)}
+    record = {"image_id": image_id, "n_cells": int(len(table)),
+              "mask_version": int(layer.metadata.get("mask_version", 0)),
+              "stale": list(stale or []), "files": {k: v.name for k, v in paths.items()},
+              "model": card}
+    atomic_write_text(paths["record"], json.dumps(record, indent=1, default=str) + "\n")
+    return paths["csv"]
 
 
 class ExportWidget(QWidget):
@@ -85,7 +127,7 @@ class ExportWidget(QWidget):
         self.folder_edit = PathEdit("dir", "folder of HPA images (default: the browser's)")
         self.run_edit = PathEdit("dir", "trained run folder")
         self.run_edit.setText(settings.get("last_run", ""))
-        RUNS.run_added.connect(self.run_edit.setText)
+        RUNS.run_added.connect(self._run_added)
         self.out_edit = PathEdit("dir", "output folder (cells.csv, masks/, …)")
         self.zarr_check = QCheckBox("also OME-Zarr (zarr/{ID}.ome.zarr: image, labels/cells, table)")
         self.folder_btn = QPushButton("Predict + export folder")
@@ -115,24 +157,54 @@ class ExportWidget(QWidget):
         lay.addWidget(self.status)
         lay.addStretch(1)
 
+    def _run_added(self, run: str) -> None:
+        """A training finished: offer its run only when the user has not chosen one."""
+        if not self.run_edit.text():
+            self.run_edit.setText(run)
+
     # ------------------------------------------------------------------ current image
 
     def export_current(self) -> Path | None:
+        """Write CSV + mask + run record of the current image where the path field says (never a guess)."""
         path = self.csv_edit.text()
-        if not path:
-            chans = channel_layers_of(self.viewer)
-            image_id = next(iter(chans.values())).metadata.get("image_id") if chans else "cells"
-            path = str(Path(load_settings().get("export_dir", str(Path.home()))) / f"{image_id}_cells.csv")
-            self.csv_edit.setText(path)
+        stale = self._stale_reasons()
         try:
-            out = export_current_table(self.viewer, path)
+            out = export_current_table(self.viewer, path, stale=stale)
         except Exception as e:
             notify_error(f"export failed: {error_text(e)}", e)
+            self.status.setText(f"not exported: {error_text(e)}")
             return None
-        self.status.setText(f"wrote {out}")
-        notify_info(f"per-cell table written to {out}")
+        paths = export_paths(out)
+        msg = f"wrote {out.name}, {paths['mask'].name}, {paths['record'].name} in {out.parent}"
+        if stale:
+            msg += " (results are stale: " + "; ".join(stale) + ")"
+        warnings = self._card_warnings(paths["record"])
+        if warnings:
+            msg += ". Model card: " + "; ".join(warnings)
+        self.status.setText(msg)
+        notify_info(msg)
         self.exported.emit(str(out))
         return out
+
+    @staticmethod
+    def _card_warnings(record: Path) -> list[str]:
+        """The model card's warnings from the run record just written (shown with the export)."""
+        import json
+
+        try:
+            model = json.loads(record.read_text(encoding="utf-8")).get("model") or {}
+        except (OSError, ValueError):
+            return []
+        return list(model.get("warnings") or [])
+
+    def _stale_reasons(self) -> list[str]:
+        """The Predict widget's stale reasons, when one is docked in this viewer."""
+        from napari_cpgcn._napari.widgets.predict import PredictWidget
+
+        for w in PredictWidget.instances():
+            if w.viewer is self.viewer:
+                return list(w.check_stale())
+        return []
 
     # ------------------------------------------------------------------ whole folder
 
@@ -215,8 +287,18 @@ class ExportWidget(QWidget):
 
 def _predict_folder_events(folder: str, run: str, out: str, device: str, should_stop, ome_zarr: bool = False):
     """Worker body: :func:`napari_cpgcn.batch.predict_folder` with the GUI's device."""
-    from napari_cpgcn.batch import BatchOptions, predict_folder
+    import json
 
+    from napari_cpgcn.batch import BatchOptions, predict_folder
+    from napari_cpgcn.io.atomic import atomic_write_text
+    from napari_cpgcn.pipeline.model_card import model_card
+    from napari_cpgcn.pipeline.predictor import resolve_model_path
+
+    try:  # the model card travels with the export
+        card = model_card(resolve_model_path(run)).to_dict()
+    except (OSError, ValueError) as e:
+        card = {"run": run, "error": str(e)}
+    atomic_write_text(Path(out) / "model_card.json", json.dumps(card, indent=1, default=str) + "\n")
     yield from predict_folder(folder, run, out, BatchOptions(device=device, workers=1, batch_size=1,
                                                              ome_zarr=ome_zarr),
                               should_stop=should_stop)

@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .common import cells_layer_of, error_text, notify_error, start_worker
+from .common import cells_layer_of, error_text, install_single_image, notify_error, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class SegmentWidget(QWidget):
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
         self.viewer = napari_viewer
+        install_single_image(napari_viewer)
         self._worker = None
 
         chan_box = QGroupBox("Channels")

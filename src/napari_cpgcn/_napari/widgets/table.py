@@ -14,6 +14,7 @@ from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QHeaderView,
+    QLabel,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -65,12 +66,24 @@ class CellTableWidget(QWidget):
         hdr.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         hdr.setSectionResizeMode(3, QHeaderView.ResizeMode.Stretch)
         self.table.itemSelectionChanged.connect(self._row_selected)
+        #: Above the rows: why they are stale (hidden while they describe the viewer).
+        self.stale_caption = QLabel("")
+        self.stale_caption.setWordWrap(True)
+        self.stale_caption.setStyleSheet("color: #ff8c69;")
+        self.stale_caption.setVisible(False)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.stale_caption)
         lay.addWidget(self.table)
         self._syncing = False
 
     # ------------------------------------------------------------------ binding
+
+    def set_stale(self, text: str) -> None:
+        """Say above the rows why they no longer describe the viewer ("" hides it)."""
+        self.stale_caption.setText(text)
+        self.stale_caption.setVisible(bool(text))
+        self.table.setToolTip(text)
 
     def set_layer(self, layer) -> None:
         """Show ``layer.features`` and follow the layer's selection (None clears the table)."""
@@ -104,6 +117,7 @@ class CellTableWidget(QWidget):
         summary = feats["classes"].astype(str).to_numpy() if "classes" in feats else [""] * len(feats)
         areas = feats["area"].to_numpy() if "area" in feats else np.zeros(len(feats))
         unc = feats["uncertainty"].to_numpy(float) if "uncertainty" in feats else np.full(len(feats), np.nan)
+        edited = feats["edited"].to_numpy(bool) if "edited" in feats else np.zeros(len(feats), bool)
         for r in range(len(feats)):
             top = str(tops[r])
             p = float(feats[f"fused_{top}"].iloc[r]) if f"fused_{top}" in feats else float("nan")
@@ -117,10 +131,15 @@ class CellTableWidget(QWidget):
             ]
             if top in _COLOR:
                 items[1].setForeground(QColor(_COLOR[top]))
+            if edited[r]:  # pixels changed since Predict: its scores describe the old cell
+                for it in items:
+                    it.setBackground(QColor(120, 60, 30))
+                items[0].setText(f"{int(ids[r])} (edited)")
             items[3].setToolTip(self._tooltip(feats, r))
             for c, it in enumerate(items):
                 self.table.setItem(r, c, it)
         self.table.setSortingEnabled(True)
+        self.table.scrollToTop()
 
     @staticmethod
     def _tooltip(feats, r: int) -> str:
@@ -164,9 +183,25 @@ class CellTableWidget(QWidget):
                 scene = getattr(self.viewer, "scene", None)  # napari >= 0.9 moved the camera
                 camera = scene.camera if scene is not None and hasattr(scene, "camera") else self.viewer.camera
                 camera.center = tuple(float(v) for v in world[-2:])
+                self._zoom_to(row, camera)
         finally:
             self._syncing = False
         self.cell_chosen.emit(cell_id)
+
+    def _zoom_to(self, row, camera) -> None:
+        """Zoom so that the cell's bounding box spans about a third of the view (centre kept; a big
+        cell: the whole-image zoom)."""
+        cols = ("bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1")
+        if not all(c in row for c in cols) or row[list(cols)].isna().any(axis=None):
+            return
+        y0, x0, y1, x1 = (float(row[c].iloc[0]) for c in cols)
+        side = max(y1 - y0, x1 - x0, 1.0)
+        shape = self.layer.data.shape[-2:]
+        center = tuple(camera.center)
+        self.viewer.reset_view()  # the zoom that fits the whole image: the scale to start from
+        fit = float(camera.zoom)
+        camera.zoom = fit * max(max(shape) / (3.0 * side), 1.0)  # data pixels both: a unitless ratio
+        camera.center = center
 
     def _label_selected(self, event=None) -> None:
         if self._syncing or self.layer is None:

@@ -5,6 +5,11 @@ which updates one progress bar per stage, a live loss / validation-mAP plot (red
 twice a second so the viewer stays responsive) and a log. Cancel sets a stop flag that the
 trainers poll between batches: the latest checkpoint is kept and Resume carries on from it
 (finished stages are skipped). When the run finishes it becomes selectable in Predict.
+
+Train never replaces a run without asking: when the output folder already holds one, the widget
+asks (:data:`RUN_CHOICES`: resume it, fine-tune a new run from it, train into a new folder, or
+cancel). The question goes through :attr:`TrainWidget.ask_existing_run`, a plain function that
+tests replace with one answering for the user.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QMessageBox,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
@@ -50,7 +56,8 @@ from .common import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainWidget", "build_config", "check_training_inputs", "PRESETS"]
+__all__ = ["TrainWidget", "build_config", "check_training_inputs", "PRESETS", "RUN_CHOICES",
+           "existing_run_files", "free_folder", "checkpoints_of"]
 
 #: The pipeline's stages with a progress bar here (the optional pretrain stage has no switch in
 #: this widget yet: use `napari-cpgcn train --pretrain`, or "Start from" a pretraining folder).
@@ -123,11 +130,72 @@ def check_training_inputs(data_dir: str, labels_csv: str, out_dir: str) -> str:
     return f"{len(matched)} labelled images of {len(ids)} in the folder"
 
 
+#: The answers to "this folder already holds a run": what Train does then.
+RUN_CHOICES = {
+    "resume": "Resume it (its own saved settings; finished stages are kept)",
+    "finetune": "Fine-tune from it (a new run in a new folder, starting from this run's models)",
+    "new": "Train from scratch in a new folder (this run is left as it is)",
+    "cancel": "Cancel (nothing is started, nothing is written)",
+}
+
+
+def existing_run_files(out_dir: str | Path) -> list[Path]:
+    """The files that make ``out_dir`` a (started or finished) run: config, stage record, checkpoints."""
+    run = Path(out_dir)
+    if not run.is_dir():
+        return []
+    found = [run / n for n in ("config.json", "stages.json") if (run / n).is_file()]
+    found += sorted(run.glob("*/*.pt"))
+    return found
+
+
+def checkpoints_of(out_dir: str | Path) -> list[Path]:
+    """Every ``latest.pt`` / ``best.pt`` under the run folder (what a stopped run keeps)."""
+    run = Path(out_dir)
+    return sorted(p for p in run.glob("**/*.pt") if p.name in ("latest.pt", "best.pt")) if run.is_dir() else []
+
+
+def free_folder(out_dir: str | Path, suffix: str = "") -> Path:
+    """A sibling of ``out_dir`` that does not exist yet: ``RUN-2``, ``RUN-3``, ... (``RUN-finetune-2``...)."""
+    run = Path(out_dir)
+    stem = run.name + (f"-{suffix}" if suffix else "")
+    for k in range(2, 10_000):
+        cand = run.with_name(f"{stem}-{k}")
+        if not cand.exists():
+            return cand
+    raise FileExistsError(f"no free folder name next to {run}; choose an output folder")
+
+
+def ask_existing_run_dialog(parent: QWidget, run: Path, summary: str) -> str:
+    """Ask what to do with the run already in ``run`` (a modal box); returns a :data:`RUN_CHOICES` key."""
+    box = QMessageBox(parent)
+    box.setIcon(QMessageBox.Icon.Question)
+    box.setWindowTitle("This folder already holds a run")
+    box.setText(f"{run} already holds a training run ({summary}).\n\nTraining into it would replace its "
+                "models. What should Train do?")
+    buttons = {}
+    for key, title in (("resume", "Resume it"), ("finetune", "Fine-tune from it"),
+                       ("new", "New folder"), ("cancel", "Cancel")):
+        role = QMessageBox.ButtonRole.RejectRole if key == "cancel" else QMessageBox.ButtonRole.AcceptRole
+        b = box.addButton(title, role)
+        b.setToolTip(RUN_CHOICES[key])
+        buttons[b] = key
+    box.setDefaultButton(next(b for b, k in buttons.items() if k == "cancel"))
+    box.exec()
+    return buttons.get(box.clickedButton(), "cancel")
+
+
 def _train_events(data_dir: str, labels_csv: str, out_dir: str, config, should_stop) -> Iterator[Event]:
     """Worker body."""
     from napari_cpgcn.pipeline import train_pipeline
+    from napari_cpgcn.pipeline.model_card import write_training_data_record
 
-    yield from train_pipeline(data_dir, labels_csv, out_dir, config, should_stop)
+    recorded = False
+    for ev in train_pipeline(data_dir, labels_csv, out_dir, config, should_stop):
+        if not recorded:  # the pipeline has checked the folder and saved config.json: the run is ours
+            write_training_data_record(out_dir, data_dir, labels_csv)
+            recorded = True
+        yield ev
 
 
 # --------------------------------------------------------------------------- the plot
@@ -242,6 +310,11 @@ class TrainWidget(QWidget):
         self._stop = threading.Event()
         self._stage: str | None = None
         self._t0 = 0.0
+        self._out = ""  # the run folder of the running / last training
+        #: Asked when Train's output folder already holds a run: ``(run, summary) -> choice``, one
+        #: of :data:`RUN_CHOICES`. A modal box by default; tests put a function answering here.
+        self.ask_existing_run: Callable[[Path, str], str] = (
+            lambda run, summary: ask_existing_run_dialog(self, run, summary))
         settings = load_settings()
 
         self.data_edit = PathEdit("dir", "folder of training images")
@@ -362,13 +435,50 @@ class TrainWidget(QWidget):
                             self.device.currentText(), preset=self.preset.currentText(),
                             start_from=self.start_edit.text())
 
+    def _existing_run_choice(self, out: str) -> str | None:
+        """When ``out`` holds a run, ask what to do and apply the answer to the form.
+
+        Returns ``"resume"``, ``"train"`` (into the form's — possibly new — output folder) or
+        None (cancelled: nothing started, nothing written; status and log say so).
+        """
+        found = existing_run_files(out)
+        if not found:
+            return "train"
+        n_ckpt = sum(p.suffix == ".pt" for p in found)
+        summary = f"{n_ckpt} checkpoint(s)" + (", config.json" if (Path(out) / "config.json").is_file() else "")
+        choice = self.ask_existing_run(Path(out), summary)
+        if choice == "resume":
+            return "resume"
+        if choice in ("new", "finetune"):
+            target = free_folder(out, "finetune" if choice == "finetune" else "")
+            if choice == "finetune":
+                self.start_edit.setText(str(Path(out).resolve()))
+            self.out_edit.setText(str(target))
+            self._log(f"{out} holds a run; it is kept. "
+                      + (f"fine-tuning from it into {target}" if choice == "finetune" else f"training into {target}"))
+            return "train"
+        msg = f"not started: {out} holds a run ({summary}); it is kept unchanged"
+        self.status.setText(msg)
+        self._log(msg)
+        return None
+
     def start(self, resume: bool = False) -> None:
-        """Check the inputs, then train in a worker (``resume``: with the run's saved config)."""
+        """Check the inputs, then train in a worker (``resume``: with the run's saved config).
+
+        Without ``resume``, an output folder that already holds a run is never trained over:
+        :attr:`ask_existing_run` decides (resume / fine-tune from it / new folder / cancel).
+        """
         if self._worker is not None:
             return
         data, csv, out = self.data_edit.text(), self.csv_edit.text(), self.out_edit.text()
         try:
             summary = check_training_inputs(data, csv, out)
+            if not resume:
+                choice = self._existing_run_choice(out)
+                if choice is None:
+                    return
+                resume = choice == "resume"
+                out = self.out_edit.text()
             if resume:
                 if not (Path(out) / "config.json").is_file():
                     raise FileNotFoundError(f"{out} holds no run to resume (no config.json); press Train")
@@ -386,7 +496,9 @@ class TrainWidget(QWidget):
         self._stop.clear()
         for bar in self.bars.values():
             bar.setValue(0)
-        self.plot.clear()
+        if not resume:  # a resumed run carries on its plot
+            self.plot.clear()
+        self._out = out
         self._t0 = time.perf_counter()
         self.train_btn.setEnabled(False)
         self.resume_btn.setEnabled(False)
@@ -462,8 +574,13 @@ class TrainWidget(QWidget):
             if ev.message:
                 self._log(f"{stage}: {ev.message}" if stage else ev.message)
         elif kind == EventKind.STOPPED:
-            self._log(f"stopped: {ev.message}")
-            self.status.setText("stopped; the latest checkpoint is kept. Press Resume to carry on.")
+            run = Path(self._out or self.out_edit.text())
+            kept = checkpoints_of(run)
+            what = (f"{len(kept)} checkpoint(s) kept ({', '.join(str(p.relative_to(run)) for p in kept[:4])}"
+                    f"{' ...' if len(kept) > 4 else ''})" if kept else "no checkpoint was written yet")
+            text = f"stopped ({ev.message or 'on request'}); {what}. Press Resume to carry on."
+            self._log(text)
+            self.status.setText(text)
             notify_info("training stopped; press Resume to carry on")
         elif kind == EventKind.DONE:
             run = str(ev.result or self.out_edit.text())
