@@ -78,6 +78,8 @@ class PredictResult:
     cams: list[LayerDataTuple]
     cells: LayerDataTuple
     table: Any  # pandas DataFrame
+    #: Single-cell variation per predicted class (:mod:`napari_cpgcn.profiles.variation`).
+    variation: Any = None
 
 
 def run_prediction(
@@ -98,6 +100,7 @@ def run_prediction(
     runs as one stage. ``segmentation=None`` segments as the run was trained.
     """
     from napari_cpgcn.pipeline import predictor as prediction
+    from napari_cpgcn.profiles.variation import variation_of_prediction
 
     yield "loading the model"
     predictor = prediction.load_predictor(model, device)
@@ -111,6 +114,7 @@ def run_prediction(
         cams=cams,
         cells=cells_layer(np.asarray(pred.cells), pred.table, image_id=image.image_id),
         table=pred.table,
+        variation=variation_of_prediction(pred),
     )
 
 
@@ -170,6 +174,11 @@ class PredictWidget(QWidget):
         self.status.setWordWrap(True)
         self.probs_label = QLabel("")
         self.probs_label.setWordWrap(True)
+        self.variation_label = QLabel("")
+        self.variation_label.setWordWrap(True)
+        self.variation_label.setToolTip(
+            "single-cell variation per predicted class: share of the cells expressing it (fused score "
+            "above 0.5) and the CV of their mean green intensity; 'variable' after the HPA's definition")
         self.table = CellTableWidget(napari_viewer)
 
         form = QFormLayout()
@@ -184,6 +193,7 @@ class PredictWidget(QWidget):
         lay.addLayout(buttons)
         lay.addWidget(self.status)
         lay.addWidget(self.probs_label)
+        lay.addWidget(self.variation_label)
         lay.addWidget(self.table, 1)
 
         settings = load_settings()
@@ -313,6 +323,7 @@ class PredictWidget(QWidget):
         self.table.set_layer(cells)
         self._apply_colors()
         self._show_probs(res)
+        self._show_variation(res)
         self.status.setText(f"{res.image_id}: {len(res.table)} cells, {len(res.cams)} CAM layers")
         self.predicted.emit(res.image_id)
 
@@ -321,6 +332,9 @@ class PredictWidget(QWidget):
         parts = [f'<span style="color:{CLASSES[k].color}">■</span> {CLASSES[k].name} {res.image_probs[k]:.2f}'
                  for k in order if res.image_probs[k] >= 0.05 or k == order[0]]
         self.probs_label.setText("<b>Image:</b> " + ", ".join(parts))
+
+    def _show_variation(self, res: PredictResult) -> None:
+        self.variation_label.setText(variation_text(res.variation))
 
     def _apply_colors(self, *_: Any) -> None:
         cells = self.table.layer
@@ -333,3 +347,15 @@ class PredictWidget(QWidget):
 
             cells.colormap = label_colormap(max(int(np.max(cells.data)) + 1, 50), seed=0.5)
 
+
+def variation_text(variation) -> str:
+    """The Predict widget's variation line: one entry per predicted class (HTML, no Qt)."""
+    if variation is None or len(variation) == 0:
+        return ""
+    parts = []
+    for _, r in variation.iterrows():
+        cv = "" if not np.isfinite(r["intensity_cv"]) else f", CV {r['intensity_cv']:.2f}"
+        flag = " <b>variable</b>" if r["variable"] else ""
+        parts.append(f"{r['class']} {int(r['n_expressing'])}/{int(r['n_cells'])} cells "
+                     f"({r['share_expressing']:.0%}){cv}{flag}")
+    return "<b>Variation:</b> " + "; ".join(parts)
