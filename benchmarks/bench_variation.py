@@ -31,7 +31,7 @@ def score_level(predictor, data: Path, params) -> dict:
     import numpy as np
     from scipy.stats import spearmanr
 
-    from napari_cpgcn.classes import NEGATIVE, N_CLASSES
+    from napari_cpgcn.classes import N_CLASSES, NEGATIVE
     from napari_cpgcn.evaluation.cell import CellTruth
     from napari_cpgcn.io.hpa import read_image
     from napari_cpgcn.io.tables import read_labels_csv
