@@ -28,7 +28,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_cpgcn._napari.widgets.common import cells_layer_of, current_image, notify_error, start_worker
+from napari_cpgcn._napari.widgets.common import (
+    cells_layer_of,
+    current_image,
+    notify_error,
+    start_worker,
+)
 from napari_cpgcn.profiles import view
 
 log = logging.getLogger(__name__)
