@@ -107,3 +107,32 @@ def _rgba(color: str):
     from matplotlib.colors import to_rgba
 
     return to_rgba(color)
+
+
+def test_export_widget_writes_cells_h5ad_that_the_umap_widget_shows(make_napari_viewer, qtbot, tmp_path,
+                                                                     tiny_data, tiny_trained, one_torch_thread):
+    """The GUI export (real tiny run): embeddings + cells.h5ad, then opened in the UMAP widget."""
+    import anndata as ad
+
+    from napari_cpgcn._napari.widgets.export import ExportWidget
+    from napari_cpgcn._napari.widgets.umap import UMAPWidget
+
+    run, _ = tiny_trained
+    viewer = make_napari_viewer()
+    w = ExportWidget(viewer)
+    qtbot.addWidget(w)
+    w.folder_edit.setText(str(tiny_data / "images"))
+    w.run_edit.setText(str(run))
+    w.out_edit.setText(str(tmp_path / "out"))
+    w.h5ad_check.setChecked(True)
+    with qtbot.waitSignal(w.exported, timeout=300000):
+        w.export_folder()
+    qtbot.waitUntil(lambda: w._worker is None, timeout=10000)
+    cells = pd.read_csv(tmp_path / "out" / "cells.csv")
+    a = ad.read_h5ad(tmp_path / "out" / "cells.h5ad")
+    assert a.n_obs == len(cells) and "X_cpgcn" in a.obsm and "X_umap" in a.obsm
+    u = UMAPWidget(viewer)
+    qtbot.addWidget(u)
+    with qtbot.waitSignal(u.loaded, timeout=60000):
+        u.load(tmp_path / "out" / "cells.h5ad")
+    np.testing.assert_allclose(u.coords, a.obsm["X_umap"])

@@ -88,6 +88,7 @@ class ExportWidget(QWidget):
         RUNS.run_added.connect(self.run_edit.setText)
         self.out_edit = PathEdit("dir", "output folder (cells.csv, masks/, …)")
         self.zarr_check = QCheckBox("also OME-Zarr (zarr/{ID}.ome.zarr: image, labels/cells, table)")
+        self.h5ad_check = QCheckBox("also cells.h5ad (per-cell embeddings + UMAP, for scanpy)")
         self.folder_btn = QPushButton("Predict + export folder")
         self.folder_btn.clicked.connect(self.export_folder)
         self.cancel_btn = QPushButton("Cancel")
@@ -101,6 +102,7 @@ class ExportWidget(QWidget):
         form.addRow("Run", self.run_edit)
         form.addRow("Output", self.out_edit)
         form.addRow(self.zarr_check)
+        form.addRow(self.h5ad_check)
         btns = QHBoxLayout()
         btns.addWidget(self.folder_btn)
         btns.addWidget(self.cancel_btn)
@@ -173,6 +175,7 @@ class ExportWidget(QWidget):
         device = load_settings().get("device", "auto")
         self._worker = start_worker(
             _predict_folder_events, folder, run, out, device, self._stop.is_set, self.zarr_check.isChecked(),
+            self.h5ad_check.isChecked(),
             on_yield=self._on_event,
             on_error=lambda e: self._done(f"folder export failed: {error_text(e)}", e),
             on_finish=self._finished,
@@ -213,10 +216,17 @@ class ExportWidget(QWidget):
         self.cancel_btn.setEnabled(False)
 
 
-def _predict_folder_events(folder: str, run: str, out: str, device: str, should_stop, ome_zarr: bool = False):
-    """Worker body: :func:`napari_cpgcn.batch.predict_folder` with the GUI's device."""
+def _predict_folder_events(folder: str, run: str, out: str, device: str, should_stop, ome_zarr: bool = False,
+                           h5ad: bool = False):
+    """Worker body: :func:`napari_cpgcn.batch.predict_folder` with the GUI's device (``h5ad``: also
+    the embeddings and ``cells.h5ad``, with a UMAP when umap-learn is installed)."""
     from napari_cpgcn.batch import BatchOptions, predict_folder
 
+    umap = False
+    if h5ad:
+        import importlib.util
+
+        umap = importlib.util.find_spec("umap") is not None
     yield from predict_folder(folder, run, out, BatchOptions(device=device, workers=1, batch_size=1,
-                                                             ome_zarr=ome_zarr),
+                                                             ome_zarr=ome_zarr, embeddings=h5ad, umap=umap),
                               should_stop=should_stop)
