@@ -46,6 +46,7 @@ from napari_cpgcn.io.atomic import atomic_write, atomic_write_text
 from napari_cpgcn.io.celltable import PREDICTION_COLUMNS
 from napari_cpgcn.io.hpa import HPAImage
 from napari_cpgcn.io.masks import read_mask, write_mask
+from napari_cpgcn.profiles.embeddings import embeddings_path
 from napari_cpgcn.segmentation.qc import mask_qc
 
 __all__ = [
@@ -274,7 +275,7 @@ def image_paths(out_dir: str | Path, image_id: str) -> dict[str, Path]:
         "done": parts / f"{image_id}.done.json",
         "failed": parts / f"{image_id}.failed.json",
         "variation": parts / f"{image_id}.variation.csv",
-        "embeddings": out / "embeddings" / f"{image_id}.npy",
+        "embeddings": embeddings_path(out, image_id),
     }
 
 
@@ -524,7 +525,8 @@ def assemble_outputs(out_dir: str | Path, image_ids: Iterable[str],
     if options.embeddings:
         from napari_cpgcn.profiles.embeddings import assemble_h5ad
 
-        h5 = assemble_h5ad(out, done, umap=options.umap, seed=options.umap_seed)
+        h5 = assemble_h5ad(out, done, umap=options.umap, seed=options.umap_seed,
+                           cells_part=lambda i: image_paths(out, i)["cells"])
         paths["h5ad"] = h5["path"]
     if failures is None:
         recs = []

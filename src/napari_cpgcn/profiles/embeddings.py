@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,8 @@ def _obs_of_part(cells_csv: Path):
 
 
 def assemble_h5ad(out_dir: str | Path, image_ids: Iterable[str], *, umap: bool = False, seed: int = 0,
-                  dest: str | Path | None = None, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+                  dest: str | Path | None = None, metadata: dict[str, Any] | None = None,
+                  cells_part: Callable[[str], Path] | None = None) -> dict[str, Any]:
     """Assemble ``OUT/cells.h5ad`` from the finished images' cell parts and embeddings.
 
     Parameters
@@ -149,6 +150,10 @@ def assemble_h5ad(out_dir: str | Path, image_ids: Iterable[str], *, umap: bool =
         Output file (default ``OUT/cells.h5ad``).
     metadata
         Extra entries for ``uns["cpgcn"]`` (default: the ``settings`` of ``OUT/run.json``).
+    cells_part
+        The per-cell CSV of an image id (default ``OUT/parts/{ID}.cells.csv``, where
+        :func:`napari_cpgcn.batch.outputs.image_paths` puts it; the batch passes its own, so
+        this module does not import the batch layer above it).
 
     Returns
     -------
@@ -167,8 +172,7 @@ def assemble_h5ad(out_dir: str | Path, image_ids: Iterable[str], *, umap: bool =
 
     t0 = time.perf_counter()
     out = Path(out_dir)
-    from napari_cpgcn.batch.outputs import image_paths
-
+    part = cells_part or (lambda i: out / "parts" / f"{i}.cells.csv")
     ids = list(image_ids)
     shapes: list[tuple[int, int]] = []
     for i in ids:
@@ -187,9 +191,9 @@ def assemble_h5ad(out_dir: str | Path, image_ids: Iterable[str], *, umap: bool =
     obs_parts = []
     row = 0
     for i, (n, _) in zip(ids, shapes, strict=True):
-        obs = _obs_of_part(image_paths(out, i)["cells"])
+        obs = _obs_of_part(part(i))
         if len(obs) != n:
-            raise ValueError(f"{embeddings_path(out, i)} has {n} rows but {image_paths(out, i)['cells']} "
+            raise ValueError(f"{embeddings_path(out, i)} has {n} rows but {part(i)} "
                              f"{len(obs)} cells; rerun with --overwrite")
         if n:
             x_emb[row:row + n] = read_embeddings(embeddings_path(out, i))
