@@ -193,3 +193,31 @@ def test_compute_umap_is_seeded():
     np.testing.assert_allclose(compute_umap(x, seed=1), compute_umap(x, seed=1))
     with pytest.raises(ValueError, match="at least 4 cells"):
         compute_umap(x[:3])
+
+
+def test_embeddings_on_a_local_dask_cluster_equal_serial(tmp_path):
+    """The Dask engine writes the same embeddings and cells.h5ad as the in-process one."""
+    pytest.importorskip("distributed")
+    import anndata as ad
+    from _fake_predictor import EmbeddingThresholdPredictor
+    from _fake_predictor import write_image as _write_image
+
+    from napari_cpgcn.batch import BatchOptions, run_predict_folder
+    from napari_cpgcn.batch.dask import predict_folder_distributed
+    from napari_cpgcn.events import EventKind
+
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        _write_image(tmp_path / "images", f"img{i}", rng)
+    opts = BatchOptions(workers=1, embeddings=True)
+    s = run_predict_folder(tmp_path / "images", EmbeddingThresholdPredictor(), tmp_path / "serial", opts)
+    assert (s.n_done, s.n_failed) == (4, 0)
+    events = list(predict_folder_distributed(tmp_path / "images", EmbeddingThresholdPredictor(), tmp_path / "dist",
+                                             opts, cluster="local:2"))
+    assert events[-1].kind == EventKind.DONE and events[-1].result.n_done == 4
+    a, b = (ad.read_h5ad(tmp_path / d / "cells.h5ad") for d in ("serial", "dist"))
+    assert a.n_obs == len(pd.read_csv(tmp_path / "serial" / "cells.csv")) > 0
+    assert list(a.obs_names) == list(b.obs_names)
+    np.testing.assert_array_equal(a.obsm["X_cpgcn"], b.obsm["X_cpgcn"])
+    assert a.obsm["X_cpgcn"].shape[1] == 5
+    assert (tmp_path / "dist" / "variation.csv").read_bytes() == (tmp_path / "serial" / "variation.csv").read_bytes()
