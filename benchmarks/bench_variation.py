@@ -87,6 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--thresholds", default="",
                     help="comma-separated candidate thresholds chosen from on the validation set (empty: none)")
+    ap.add_argument("--score", default="fused", choices=("fused", "cell"),
+                    help="per-cell score deciding expression (fused: image x cell, the default; cell: cell model)")
     ap.add_argument("--val-seed", type=int, default=303)
     ap.add_argument("--n-val", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
                              heterogeneity=args.train_heterogeneity, cell_scale=args.cell_scale)
         val_pred = predict_set(predictor, val)
         for th in [float(x) for x in args.thresholds.split(",")]:
-            val_scores[th] = score_level(val_pred, VariationParams(threshold=th))["rho"]
+            val_scores[th] = score_level(val_pred, VariationParams(threshold=th, score=args.score))["rho"]
         finite = {k: v for k, v in val_scores.items() if np.isfinite(v)}
         chosen = max(finite, key=finite.get) if finite else None
         print("validation rho per threshold:", {k: round(v, 3) for k, v in val_scores.items()},
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
                                  cell_scale=args.cell_scale)
             predicted = predict_set(predictor, data)
             for th in thresholds:
-                per_seed[th].append(score_level(predicted, VariationParams(threshold=th)))
+                per_seed[th].append(score_level(predicted, VariationParams(threshold=th, score=args.score)))
         for th in thresholds:
             rows.append((h, th, per_seed[th]))
     total = time.perf_counter() - t0
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
     print(f"Train: {args.n_train} synthetic {args.size}² images (heterogeneity {args.train_heterogeneity}, seed "
           f"{args.seed}); tiny resnet18 pipeline, image {args.image_size}², {args.epochs} epochs, crops "
           f"{args.crop_size}²; test: {args.n_test} images per level and seed (seeds {args.test_seeds}), true "
-          f"cell masks; train {t_train / 60:.1f} min, total {total / 60:.1f} min")
+          f"cell masks; score {args.score}; train {t_train / 60:.1f} min, total {total / 60:.1f} min")
     print()
     print("| heterogeneity | threshold | (image, class) pairs | Spearman rho per seed | mean rho | mean true share | "
           "mean predicted share | MAE |")

@@ -221,3 +221,22 @@ def test_embeddings_on_a_local_dask_cluster_equal_serial(tmp_path):
     np.testing.assert_array_equal(a.obsm["X_cpgcn"], b.obsm["X_cpgcn"])
     assert a.obsm["X_cpgcn"].shape[1] == 5
     assert (tmp_path / "dist" / "variation.csv").read_bytes() == (tmp_path / "serial" / "variation.csv").read_bytes()
+
+
+def test_variation_can_use_the_cell_score():
+    """score='cell' decides expression by the cell model's probability, not the fused one."""
+    from napari_cpgcn.pipeline.predictor import CellPrediction
+    from napari_cpgcn.profiles.variation import variation_of_prediction
+
+    data, cells, _, _ = _split_image()
+    image_probs = np.full(N_CLASSES, 0.05)
+    image_probs[3] = 0.6
+    cell_probs = np.full((10, N_CLASSES), 0.05)
+    cell_probs[:6, 3] = 0.7  # fused 0.42 < 0.5: no cell by the fused score, 6 by the cell score
+    pred = CellPrediction.from_parts("img", cells, image_probs, cell_probs)
+    fused = variation_of_prediction(pred)
+    cell = variation_of_prediction(pred, VariationParams(score="cell"))
+    assert fused.iloc[0]["class"] == cell.iloc[0]["class"] == SHORT_NAMES[3]
+    assert fused.iloc[0].n_expressing == 0 and cell.iloc[0].n_expressing == 6
+    with pytest.raises(ValueError, match="score"):
+        VariationParams(score="image")

@@ -55,9 +55,17 @@ class VariationParams:
         ``variable`` when fewer than this share of the cells express a predicted class.
     max_cv
         ``variable`` when the intensity CV of the expressing cells exceeds this.
+    score
+        Which per-cell score decides expression: ``"fused"`` (the default, image x cell) or
+        ``"cell"`` (the cell model's probability alone; for models whose fused scores are not
+        calibrated).
     """
 
-    def __init__(self, threshold: float = 0.5, spatial_share: float = 0.75, max_cv: float = 0.5) -> None:
+    def __init__(self, threshold: float = 0.5, spatial_share: float = 0.75, max_cv: float = 0.5,
+                 score: str = "fused") -> None:
+        if score not in ("fused", "cell"):
+            raise ValueError(f"score must be 'fused' or 'cell', got {score!r}")
+        self.score = score
         for name, v in (("threshold", threshold), ("spatial_share", spatial_share)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
@@ -139,8 +147,9 @@ def variation_of_prediction(prediction, params: VariationParams | None = None,
                             classes: Sequence[int] | None = None) -> pd.DataFrame:
     """:func:`image_variation` of a :class:`~napari_cpgcn.pipeline.predictor.CellPrediction`
     (its fused columns, image probabilities and ``green_mean`` when present)."""
+    params = params or VariationParams()
     table = prediction.table
-    fused = table[[f"fused_{s}" for s in SHORT_NAMES]].to_numpy(np.float64) if len(table) else \
+    fused = table[[f"{params.score}_{s}" for s in SHORT_NAMES]].to_numpy(np.float64) if len(table) else \
         np.zeros((0, len(SHORT_NAMES)))
     return image_variation(str(prediction.image_id), fused, np.asarray(prediction.image_probs),
                            getattr(prediction, "green_mean", None), params, classes)
