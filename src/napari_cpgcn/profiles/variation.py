@@ -80,18 +80,20 @@ def cell_green_means(data: np.ndarray, cells: np.ndarray, cell_ids: Sequence[int
     ``data`` is the (4, Y, X) image (red, green, blue, yellow), ``cells`` its label image; one
     bincount pass, so it costs little next to the models.
     """
-    from napari_cpgcn.io.hpa import to_float
-
     ids = np.asarray(cell_ids, dtype=np.int64)
     if len(ids) == 0:
         return np.zeros(0, np.float32)
-    lab = np.asarray(cells).ravel().astype(np.int64)
+    lab = np.asarray(cells).ravel()
+    if lab.dtype.kind != "i" or lab.dtype.itemsize < 8:
+        lab = lab.astype(np.intp)
     n = max(int(lab.max()), int(ids.max())) + 1
-    green = to_float(np.asarray(data[1])).ravel()
-    sums = np.bincount(lab, weights=green, minlength=n)
+    green = np.asarray(data[1])
+    # integer images: sum the raw values, scale once (the same as io.hpa.to_float, one pass less)
+    scale = float(np.iinfo(green.dtype).max) if np.issubdtype(green.dtype, np.integer) else 1.0
+    sums = np.bincount(lab, weights=green.ravel(), minlength=n)
     counts = np.bincount(lab, minlength=n)
     with np.errstate(invalid="ignore", divide="ignore"):
-        means = sums[ids] / counts[ids]
+        means = sums[ids] / counts[ids] / scale
     return means.astype(np.float32)
 
 
