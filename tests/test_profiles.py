@@ -240,3 +240,29 @@ def test_variation_can_use_the_cell_score():
     assert fused.iloc[0].n_expressing == 0 and cell.iloc[0].n_expressing == 6
     with pytest.raises(ValueError, match="score"):
         VariationParams(score="image")
+
+
+def test_image_done_without_embeddings_that_fails_now_is_left_out(tmp_path, caplog):
+    """An image finished by an earlier run without embeddings and failing on the rerun is left out
+    of cells.h5ad with a warning; the others are in it."""
+    import anndata as ad
+    from _fake_predictor import EmbeddingThresholdPredictor
+    from _fake_predictor import write_image as _write_image
+
+    from napari_cpgcn.batch import BatchOptions, run_predict_folder
+
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        _write_image(tmp_path / "images", f"img{i}", rng)
+    out = tmp_path / "out"
+    assert run_predict_folder(tmp_path / "images", EmbeddingThresholdPredictor(), out,
+                              BatchOptions(workers=1)).n_done == 3
+    (tmp_path / "images" / "img1_green.png").write_bytes(b"broken")
+    s = run_predict_folder(tmp_path / "images", EmbeddingThresholdPredictor(), out,
+                           BatchOptions(workers=1, embeddings=True))
+    # img1 failed now, but its earlier result stays finished (as for every output): not a failure
+    assert (s.n_done, s.n_failed) == (2, 0)
+    assert set(pd.read_csv(out / "cells.csv").image_id) == {"img0", "img1", "img2"}
+    a = ad.read_h5ad(out / "cells.h5ad")
+    assert set(a.obs["image_id"]) == {"img0", "img2"}
+    assert "left out of cells.h5ad" in caplog.text and "img1" in caplog.text

@@ -525,7 +525,13 @@ def assemble_outputs(out_dir: str | Path, image_ids: Iterable[str],
     if options.embeddings:
         from napari_cpgcn.profiles.embeddings import assemble_h5ad
 
-        h5 = assemble_h5ad(out, done, umap=options.umap, seed=options.umap_seed,
+        with_emb = [i for i in done if image_paths(out, i)["embeddings"].is_file()]
+        if len(with_emb) < len(done):  # finished earlier without embeddings and not redone (it failed now)
+            missing = [i for i in done if i not in set(with_emb)]
+            log.warning("%d finished images have no embeddings and are left out of cells.h5ad (%s%s); "
+                        "rerun with --overwrite to include them", len(missing), ", ".join(missing[:3]),
+                        ", ..." if len(missing) > 3 else "")
+        h5 = assemble_h5ad(out, with_emb, umap=options.umap, seed=options.umap_seed,
                            cells_part=lambda i: image_paths(out, i)["cells"])
         paths["h5ad"] = h5["path"]
     if failures is None:
