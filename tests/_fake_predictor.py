@@ -93,3 +93,21 @@ def write_image(folder: Path, image_id: str, rng: np.random.Generator, size: int
     for c in CHANNELS:
         arr = blue if c == "blue" else rng.integers(0, 120, (size, size), dtype=np.uint8)
         Image.fromarray(arr).save(folder / f"{image_id}_{c}.png")
+
+
+class EmbeddingThresholdPredictor(ThresholdPredictor):
+    """:class:`ThresholdPredictor` that also returns per-cell "embeddings" when asked
+    (``with_embeddings=True``): each cell's mean of the four channels and its area, so they
+    are deterministic and differ between cells."""
+
+    def predict(self, image, cells=None, segmentation=None, with_cams=True, with_embeddings=False):
+        pred = super().predict(image, cells=cells, segmentation=segmentation, with_cams=with_cams)
+        if with_embeddings:
+            lab = np.asarray(pred.cells).ravel().astype(np.int64)
+            ids = pred.table["cell_id"].to_numpy(np.int64)
+            n = int(lab.max()) + 1 if lab.size else 1
+            counts = np.bincount(lab, minlength=n)
+            feats = [np.bincount(lab, weights=image.data[c].ravel().astype(np.float64), minlength=n)[ids]
+                     / np.maximum(counts[ids], 1) for c in range(4)]
+            pred.embeddings = np.stack([*feats, counts[ids].astype(np.float64)], 1).astype(np.float32)
+        return pred

@@ -19,7 +19,8 @@ LIGHT = ["napari_cpgcn", "napari_cpgcn.classes", "napari_cpgcn.events", "napari_
          "napari_cpgcn.io.hpa", "napari_cpgcn.io.tables", "napari_cpgcn.io.atomic", "napari_cpgcn.io.masks",
          "napari_cpgcn.io.rle", "napari_cpgcn.io.celltable", "napari_cpgcn.cli", "napari_cpgcn.synth",
          "napari_cpgcn.segmentation", "napari_cpgcn.evaluation.matching", "napari_cpgcn._napari.layers",
-         "napari_cpgcn._napari.reader", "napari_cpgcn.batch", "napari_cpgcn.pipeline"]
+         "napari_cpgcn._napari.reader", "napari_cpgcn.batch", "napari_cpgcn.pipeline",
+         "napari_cpgcn.profiles.variation", "napari_cpgcn.profiles.embeddings", "napari_cpgcn.profiles.view"]
 #: Optional extras (their own dependencies, imported only when used).
 EXTRAS = {"napari_cpgcn.batch.dask"}
 CORE = sorted(m.name for m in pkgutil.walk_packages(napari_cpgcn.__path__, "napari_cpgcn.")

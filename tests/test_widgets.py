@@ -198,6 +198,9 @@ def test_predict_adds_cams_cells_features_and_table(make_napari_viewer, qtbot, t
     # hovering a cell shows its classes
     status = cells.get_status((10, 10), world=True)["coordinates"]
     assert "top_class: golgi" in status and "classes: golgi" in status
+    # the single-cell variation of the predicted classes: golgi in the two left cells only
+    text = w.variation_label.text()
+    assert "golgi 2/4 cells (50%)" in text and "variable" in text and "nucleoli 4/4 cells (100%)" in text
     # the table lists the cells; choosing a row selects and centres the cell
     assert w.table.table.rowCount() == 4
     w.table.select_cell(4)

@@ -91,7 +91,8 @@ def predict_image(predictor: Any, image: HPAImage, options: BatchOptions) -> Any
     Returns the predictor's ``CellPrediction`` (``image_id``, ``image_probs`` (19,), ``cams``
     (19, Y, X) or None, ``cells`` (Y, X) uint32, ``table``).
     """
-    return predictor.predict(image, segmentation=options.segmentation, with_cams=options.save_cams)
+    extra = {"with_embeddings": True} if options.embeddings else {}  # predictors without it still work
+    return predictor.predict(image, segmentation=options.segmentation, with_cams=options.save_cams, **extra)
 
 
 def process_image(input_dir: str | Path, image_id: str, model: str | Path | Any,
@@ -165,7 +166,7 @@ def predict_folder(input_dir: str | Path, model: str | Path | Any, out_dir: str 
     input_dir, ids = folder_image_ids(input_dir, image_ids)
     out = Path(out_dir)
     check_writable(out)
-    remove_stale_temp_files(out, out / "parts", out / "masks", out / "cams")
+    remove_stale_temp_files(out, out / "parts", out / "masks", out / "cams", out / "embeddings")
     fingerprint = model_fingerprint(model)
     settings = {
         "input_dir": str(input_dir),

@@ -8,12 +8,16 @@ Under ``OUT_DIR``::
     parts/{ID}.cells.csv        the image's per-cell rows
     parts/{ID}.image.csv        the image's image-level row
     parts/{ID}.submission.csv   optional: the image's Kaggle submission row
+    embeddings/{ID}.npy         optional: (n_cells, D) float32 cell-model features (--embeddings)
+    parts/{ID}.variation.csv    the image's single-cell variation rows (napari_cpgcn.profiles.variation)
     parts/{ID}.done.json        written last: the image is finished (resume skips it)
     parts/{ID}.failed.json      the image failed (stage, error); removed once it succeeds
     cells.csv                   every cell of every finished image (assembled at the end)
     images.csv                  one row per finished image (assembled at the end)
     submission.csv              optional, Kaggle 2021 format (assembled at the end)
     failures.csv                image_id, stage, error of every image that failed
+    variation.csv               single-cell variation per image and predicted class (assembled)
+    cells.h5ad                  optional: AnnData of every cell with its embeddings (--embeddings)
     run.json                    the settings and the summary of the last run
 
 Every file is written atomically (temporary file in the same folder, then ``os.replace``), the
@@ -42,6 +46,7 @@ from napari_cpgcn.io.atomic import atomic_write, atomic_write_text
 from napari_cpgcn.io.celltable import PREDICTION_COLUMNS
 from napari_cpgcn.io.hpa import HPAImage
 from napari_cpgcn.io.masks import read_mask, write_mask
+from napari_cpgcn.profiles.embeddings import embeddings_path
 from napari_cpgcn.segmentation.qc import mask_qc
 
 __all__ = [
@@ -129,6 +134,13 @@ class BatchOptions:
         Redo every image even when a finished one is in the output folder.
     top_threshold : float
         A class is listed in ``top_classes`` when its (fused / image) probability reaches this.
+    embeddings : bool
+        Also write ``embeddings/{ID}.npy`` (the cell model's pooled features) and, at the end,
+        ``cells.h5ad`` (:mod:`napari_cpgcn.profiles.embeddings`; needs anndata).
+    umap : bool
+        With ``embeddings``: also put a 2-D UMAP into ``cells.h5ad`` (needs umap-learn).
+    umap_seed : int
+        Seed of the UMAP (the same seed gives the same layout).
     torch_threads : int
         Set torch's intra-op threads (process-wide) before predicting; 0 leaves torch's default.
         On a busy shared CPU 1 can be several times faster than oversubscribed threads; on a
@@ -145,6 +157,9 @@ class BatchOptions:
     overwrite: bool = False
     top_threshold: float = 0.5
     torch_threads: int = 0
+    embeddings: bool = False
+    umap: bool = False
+    umap_seed: int = 0
 
     def __post_init__(self) -> None:
         from napari_cpgcn.segmentation import METHODS
@@ -156,6 +171,8 @@ class BatchOptions:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.umap and not self.embeddings:
+            raise ValueError("umap needs embeddings (a UMAP is made of the embeddings): set embeddings too")
 
 
 @dataclass
@@ -187,6 +204,7 @@ class ImageRecord:
     cams: bool = False
     submission: bool = False
     ome_zarr: bool = False
+    embeddings: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -256,6 +274,8 @@ def image_paths(out_dir: str | Path, image_id: str) -> dict[str, Path]:
         "submission": parts / f"{image_id}.submission.csv",
         "done": parts / f"{image_id}.done.json",
         "failed": parts / f"{image_id}.failed.json",
+        "variation": parts / f"{image_id}.variation.csv",
+        "embeddings": embeddings_path(out, image_id),
     }
 
 
@@ -278,6 +298,10 @@ def is_done(out_dir: str | Path, image_id: str, options: BatchOptions | None = N
     if options is not None and options.ome_zarr:
         rec = _read_record(p["done"])
         if rec is None or not rec.ome_zarr or not p["zarr"].is_dir():
+            return False
+    if options is not None and options.embeddings:
+        rec = _read_record(p["done"])
+        if rec is None or not rec.embeddings or not p["embeddings"].is_file():
             return False
     return True
 
@@ -386,6 +410,20 @@ def write_image_outputs(out_dir: str | Path, prediction: Any, options: BatchOpti
 
         # atomic itself (temporary folder, then rename), before the done marker like the other files
         write_ome_zarr(p["zarr"], image, cells, cell_df, image_probs=prediction.image_probs, overwrite=True)
+    wrote_embeddings = False
+    if options.embeddings:
+        emb = getattr(prediction, "embeddings", None)
+        if emb is None:
+            raise ValueError(f"{image_id}: the predictor returned no embeddings although embeddings is set")
+        from napari_cpgcn.profiles.embeddings import write_embeddings
+
+        # the rows of cells.csv are sorted by cell id: the embeddings follow the same order
+        order = np.argsort(np.asarray(prediction.table["cell_id"]), kind="stable") if len(cell_df) else []
+        write_embeddings(p["embeddings"], np.asarray(emb)[order], len(cell_df), image_id)
+        wrote_embeddings = True
+    from napari_cpgcn.profiles.variation import VariationParams, variation_of_prediction
+
+    _write_csv(p["variation"], variation_of_prediction(prediction, VariationParams(options.top_threshold)))
     _write_csv(p["cells"], cell_df)
     qc = getattr(prediction, "qc", None) or mask_qc(cells)  # the segmentation's, else the mask's own
     _write_csv(p["image"], _image_part(image_id, np.asarray(prediction.image_probs), height, width,
@@ -397,7 +435,8 @@ def write_image_outputs(out_dir: str | Path, prediction: Any, options: BatchOpti
             secs.setdefault(str(k), float(v))
     secs["write"] = time.perf_counter() - t0
     rec = ImageRecord(image_id, "done", int(height), int(width), int(len(cell_df)), secs,
-                      cams=wrote_cams, submission=options.submission, ome_zarr=options.ome_zarr)
+                      cams=wrote_cams, submission=options.submission, ome_zarr=options.ome_zarr,
+                      embeddings=wrote_embeddings)
     atomic_write_text(p["done"], rec.to_json())  # last: the image is finished
     p["failed"].unlink(missing_ok=True)
     return rec
@@ -481,6 +520,20 @@ def assemble_outputs(out_dir: str | Path, image_ids: Iterable[str],
     if options.submission:
         _assemble_submission(out, done, out / "submission.csv")
         paths["submission"] = str(out / "submission.csv")
+    _assemble_variation(out, done, out / "variation.csv", options)
+    paths["variation"] = str(out / "variation.csv")
+    if options.embeddings:
+        from napari_cpgcn.profiles.embeddings import assemble_h5ad
+
+        with_emb = [i for i in done if image_paths(out, i)["embeddings"].is_file()]
+        if len(with_emb) < len(done):  # finished earlier without embeddings and not redone (it failed now)
+            missing = [i for i in done if i not in set(with_emb)]
+            log.warning("%d finished images have no embeddings and are left out of cells.h5ad (%s%s); "
+                        "rerun with --overwrite to include them", len(missing), ", ".join(missing[:3]),
+                        ", ..." if len(missing) > 3 else "")
+        h5 = assemble_h5ad(out, with_emb, umap=options.umap, seed=options.umap_seed,
+                           cells_part=lambda i: image_paths(out, i)["cells"])
+        paths["h5ad"] = h5["path"]
     if failures is None:
         recs = []
         for i in ids:
@@ -494,6 +547,24 @@ def assemble_outputs(out_dir: str | Path, image_ids: Iterable[str],
     _write_failures(out / "failures.csv", recs)
     paths["failures"] = str(out / "failures.csv")
     return {"paths": paths, "n_cells": n_cells, "n_images": len(done), "failures": recs}
+
+
+def _assemble_variation(out: Path, done: list[str], dest: Path, options: BatchOptions) -> None:
+    """``variation.csv`` from the parts; an image finished by an older version without a variation
+    part gets one from its cells part (without intensities there: ``intensity_cv`` is NaN)."""
+    from napari_cpgcn.profiles.variation import VARIATION_COLUMNS, VariationParams, image_variation
+
+    for i in done:
+        p = image_paths(out, i)
+        if not p["variation"].is_file():
+            import pandas as pd
+
+            cells = pd.read_csv(p["cells"])
+            image = pd.read_csv(p["image"])
+            fused = cells[[f"fused_{s}" for s in SHORT_NAMES]].to_numpy(np.float64)
+            probs = image[[f"image_{s}" for s in SHORT_NAMES]].to_numpy(np.float64)[0]
+            _write_csv(p["variation"], image_variation(i, fused, probs, None, VariationParams(options.top_threshold)))
+    _concat_parts((image_paths(out, i)["variation"] for i in done), dest, ",".join(VARIATION_COLUMNS) + "\n")
 
 
 def _assemble_submission(out: Path, done: list[str], dest: Path) -> None:

@@ -17,7 +17,10 @@ id, centroid, area, bbox, image/cell/fused probability per class, top classes), 
 (one row per image), failures.csv, run.json, predict.log, and optionally cams/{ID}.tif
 (--save-cams), submission.csv (--submission, Kaggle 2021 format) and zarr/{ID}.ome.zarr
 (--ome-zarr: OME-Zarr with the image pyramid, labels/cells and the per-cell table, for
-napari-ome-zarr, Fiji/MoBIE, QuPath and spatialdata).
+napari-ome-zarr, Fiji/MoBIE, QuPath and spatialdata), variation.csv (single-cell variation
+per image and predicted class), and with --embeddings embeddings/{ID}.npy plus cells.h5ad
+(AnnData: obs = per-cell table, obsm["X_cpgcn"] = cell-model features, obsm["X_umap"] with
+--umap) for scanpy.
 
 Rerunning into the same OUT_DIR skips finished images; every file is written atomically, so
 an interrupted run leaves no truncated file. An unreadable image is listed in failures.csv and
@@ -52,6 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ome-zarr", action="store_true",
                    help="also write zarr/{ID}.ome.zarr (NGFF 0.4: image pyramid, labels/cells, per-cell "
                         "AnnData table); needs `pip install napari-cpgcn[ome-zarr]`")
+    p.add_argument("--embeddings", action="store_true",
+                   help="also write the cell model's per-cell features: embeddings/{ID}.npy and cells.h5ad "
+                        "(AnnData, needs anndata)")
+    p.add_argument("--umap", action="store_true",
+                   help="with --embeddings: add a 2-D UMAP (obsm['X_umap']) to cells.h5ad (needs umap-learn)")
+    p.add_argument("--umap-seed", type=int, default=0, help="seed of the UMAP (default 0; same seed, same layout)")
     p.add_argument("--overwrite", action="store_true", help="redo every image instead of resuming")
     add_cluster_arguments(p)
 
@@ -71,6 +80,20 @@ def run(args: argparse.Namespace) -> int:
             from napari_cpgcn.io.omezarr import require_ome_zarr
 
             require_ome_zarr()
+        except ImportError as e:
+            raise UsageError(str(e)) from None
+    if args.umap and not args.embeddings:
+        raise UsageError("--umap needs --embeddings (the UMAP is made of the embeddings)")
+    if args.embeddings:  # missing extras: say so before the first image
+        try:
+            import anndata  # noqa: F401
+        except ImportError as e:
+            raise UsageError(f"--embeddings needs anndata ({e}); install it with `pip install anndata`") from None
+    if args.umap:
+        try:
+            from napari_cpgcn.profiles.embeddings import require_umap
+
+            require_umap()
         except ImportError as e:
             raise UsageError(str(e)) from None
     out = Path(args.out)
@@ -129,6 +152,7 @@ def _run(args: argparse.Namespace, input_dir: Path, out: Path) -> int:
         segmentation=args.segmentation, device=args.device, batch_size=args.batch_size,
         workers=args.workers, save_cams=args.save_cams, submission=args.submission,
         ome_zarr=args.ome_zarr, overwrite=args.overwrite, torch_threads=args.threads,
+        embeddings=args.embeddings, umap=args.umap, umap_seed=args.umap_seed,
     )
     log.info("predict %s with %s -> %s", input_dir, model, out)
     summary = None

@@ -79,6 +79,12 @@ class CellPrediction:
     #: Quality control of the segmentation (:func:`napari_cpgcn.segmentation.qc.mask_qc` with the
     #: nuclei) when the predictor segmented; empty for given cells.
     qc: dict[str, Any] = field(default_factory=dict)
+    #: (n, D) float32 pooled cell-model features, one row per table row (only when the predictor
+    #: was asked for them: ``with_embeddings=True``); see :mod:`napari_cpgcn.profiles.embeddings`.
+    embeddings: np.ndarray | None = None
+    #: (n,) float32 mean green (protein) intensity in [0, 1] of each table row's cell; used by the
+    #: single-cell variation score (:mod:`napari_cpgcn.profiles.variation`).
+    green_mean: np.ndarray | None = None
 
     @property
     def cell_probs(self) -> np.ndarray:
@@ -247,9 +253,30 @@ class CPGCNPredictor:
         return probs[0], maps
 
     def predict_cells(self, data: np.ndarray, cells: np.ndarray, geometry: pd.DataFrame,
-                      batch_size: int = 64) -> np.ndarray:
-        """Cell-model probabilities (n, 19) for the cells of ``geometry`` (crops cut batch by batch)."""
-        return self.predict_cells_tta(data, cells, geometry, batch_size, views=("id",))[0]
+                      batch_size: int = 64, *, with_embeddings: bool = False
+                      ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Cell-model probabilities (n, 19) for the cells of ``geometry`` (crops cut batch by batch).
+
+        With ``with_embeddings`` also the pooled features (n, D) of the same forward pass:
+        ``(probs, features)``.
+        """
+        if not with_embeddings:
+            return self.predict_cells_tta(data, cells, geometry, batch_size, views=("id",))[0]
+        from napari_cpgcn.models.cell import crop_cells
+        from napari_cpgcn.profiles.embeddings import predict_crops_with_features
+
+        c = self.cell_config
+        out, feats = [], []
+        for i in range(0, len(geometry), batch_size):
+            crops = crop_cells(data, cells, geometry.iloc[i:i + batch_size], size=c.crop_size,
+                               zero_background=c.zero_background, pad=c.crop_pad)
+            p, f = predict_crops_with_features(self.cell_model, crops, self.device, batch_size)
+            out.append(p)
+            feats.append(f)
+        dim = int(self.cell_model.backbone.out_channels)
+        if not out:
+            return np.zeros((0, N_CLASSES), np.float32), np.zeros((0, dim), np.float32)
+        return np.concatenate(out), np.concatenate(feats)
 
     def predict_cells_tta(self, data: np.ndarray, cells: np.ndarray, geometry: pd.DataFrame,
                           batch_size: int = 64, views: tuple[str, ...] | None = None
@@ -285,6 +312,7 @@ class CPGCNPredictor:
         *,
         image_id: str | None = None,
         segmentation_params: Mapping[str, Any] | None = None,
+        with_embeddings: bool = False,
     ) -> CellPrediction:
         """Predict one image.
 
@@ -303,9 +331,12 @@ class CPGCNPredictor:
             Id written into the table (default: the HPAImage's id, else ``"image"``).
         segmentation_params
             Extra keyword arguments of the segmentation.
+        with_embeddings
+            Also return the cell model's pooled features per cell (``CellPrediction.embeddings``);
+            off by default (the features cost memory, not time: same forward pass).
         """
         steps = self.iter_predict(image, cells, segmentation, with_cams, image_id=image_id,
-                                  segmentation_params=segmentation_params)
+                                  segmentation_params=segmentation_params, with_embeddings=with_embeddings)
         while True:
             try:
                 next(steps)
@@ -321,6 +352,7 @@ class CPGCNPredictor:
         *,
         image_id: str | None = None,
         segmentation_params: Mapping[str, Any] | None = None,
+        with_embeddings: bool = False,
     ) -> Generator[str, None, CellPrediction]:
         """:meth:`predict` as a generator that can be stopped between stages.
 
@@ -362,16 +394,24 @@ class CPGCNPredictor:
         geo = cell_geometry(cells, iid)
         yield f"cell model ({len(geo)} cells)"
         t0 = time.perf_counter()
-        if self.uncertainty == "tta":
+        embeddings = None
+        cell_probs = None
+        if with_embeddings:
+            cell_probs, embeddings = self.predict_cells(data, cells, geo, with_embeddings=True)
+        if self.uncertainty == "tta":  # the plain view again, with the augmented ones
             cell_probs, spread = self.predict_cells_tta(data, cells, geo)
         else:
-            cell_probs = self.predict_cells(data, cells, geo)
+            if cell_probs is None:
+                cell_probs = self.predict_cells(data, cells, geo)
             spread = np.zeros_like(cell_probs) if self.uncertainty == "entropy" else None
         timings["cell_model"] = time.perf_counter() - t0
         yield "per-cell table"
         pred = CellPrediction.from_parts(iid, cells, image_probs, cell_probs, cams, geo, fusion=self.fusion,
                                          cell_spread=spread)
-        pred.timings, pred.qc = timings, qc
+        pred.timings, pred.qc, pred.embeddings = timings, qc, embeddings
+        from napari_cpgcn.profiles.variation import cell_green_means
+
+        pred.green_mean = cell_green_means(data, cells, geo["cell_id"].to_numpy())
         return pred
 
 

@@ -130,6 +130,7 @@ class ExportWidget(QWidget):
         RUNS.run_added.connect(self._run_added)
         self.out_edit = PathEdit("dir", "output folder (cells.csv, masks/, …)")
         self.zarr_check = QCheckBox("also OME-Zarr (zarr/{ID}.ome.zarr: image, labels/cells, table)")
+        self.h5ad_check = QCheckBox("also cells.h5ad (per-cell embeddings + UMAP, for scanpy)")
         self.folder_btn = QPushButton("Predict + export folder")
         self.folder_btn.clicked.connect(self.export_folder)
         self.cancel_btn = QPushButton("Cancel")
@@ -143,6 +144,7 @@ class ExportWidget(QWidget):
         form.addRow("Run", self.run_edit)
         form.addRow("Output", self.out_edit)
         form.addRow(self.zarr_check)
+        form.addRow(self.h5ad_check)
         btns = QHBoxLayout()
         btns.addWidget(self.folder_btn)
         btns.addWidget(self.cancel_btn)
@@ -245,6 +247,7 @@ class ExportWidget(QWidget):
         device = load_settings().get("device", "auto")
         self._worker = start_worker(
             _predict_folder_events, folder, run, out, device, self._stop.is_set, self.zarr_check.isChecked(),
+            self.h5ad_check.isChecked(),
             on_yield=self._on_event,
             on_error=lambda e: self._done(f"folder export failed: {error_text(e)}", e),
             on_finish=self._finished,
@@ -285,8 +288,12 @@ class ExportWidget(QWidget):
         self.cancel_btn.setEnabled(False)
 
 
-def _predict_folder_events(folder: str, run: str, out: str, device: str, should_stop, ome_zarr: bool = False):
-    """Worker body: :func:`napari_cpgcn.batch.predict_folder` with the GUI's device."""
+def _predict_folder_events(folder: str, run: str, out: str, device: str, should_stop, ome_zarr: bool = False,
+                           h5ad: bool = False):
+    """Worker body: :func:`napari_cpgcn.batch.predict_folder` with the GUI's device (``h5ad``: also
+    the embeddings and ``cells.h5ad``, with a UMAP when umap-learn is installed); the run's model
+    card is written to ``OUT/model_card.json`` first."""
+    import importlib.util
     import json
 
     from napari_cpgcn.batch import BatchOptions, predict_folder
@@ -299,6 +306,7 @@ def _predict_folder_events(folder: str, run: str, out: str, device: str, should_
     except (OSError, ValueError) as e:
         card = {"run": run, "error": str(e)}
     atomic_write_text(Path(out) / "model_card.json", json.dumps(card, indent=1, default=str) + "\n")
+    umap = h5ad and importlib.util.find_spec("umap") is not None
     yield from predict_folder(folder, run, out, BatchOptions(device=device, workers=1, batch_size=1,
-                                                             ome_zarr=ome_zarr),
+                                                             ome_zarr=ome_zarr, embeddings=h5ad, umap=umap),
                               should_stop=should_stop)

@@ -95,6 +95,8 @@ class PredictResult:
     #: ``metadata["mask_version"]`` of the ``cells`` layer the results were put into (each edit
     #: of the layer adds one): results whose version differs from the layer's are stale.
     mask_version: int = 0
+    #: Single-cell variation per predicted class (:mod:`napari_cpgcn.profiles.variation`).
+    variation: Any = None
 
 
 def run_prediction(
@@ -115,6 +117,7 @@ def run_prediction(
     runs as one stage. ``segmentation=None`` segments as the run was trained.
     """
     from napari_cpgcn.pipeline import predictor as prediction
+    from napari_cpgcn.profiles.variation import variation_of_prediction
 
     yield "loading the model"
     predictor = prediction.load_predictor(model, device)
@@ -130,6 +133,7 @@ def run_prediction(
         cams=cams,
         cells=cells_layer(np.asarray(pred.cells), pred.table, image_id=image.image_id),
         table=pred.table,
+        variation=variation_of_prediction(pred),
     )
 
 
@@ -211,6 +215,11 @@ class PredictWidget(QWidget):
         self._watched_cells = None
         self._touched: set[int] = set()  # label ids painted since the last rows update
         self._applying = False
+        self.variation_label = QLabel("")
+        self.variation_label.setWordWrap(True)
+        self.variation_label.setToolTip(
+            "single-cell variation per predicted class: share of the cells expressing it (fused score "
+            "above 0.5) and the CV of their mean green intensity; 'variable' after the HPA's definition")
         self.table = CellTableWidget(napari_viewer)
 
         form = QFormLayout()
@@ -227,6 +236,7 @@ class PredictWidget(QWidget):
         lay.addWidget(self.status)
         lay.addWidget(self.probs_label)
         lay.addWidget(self.stale_label)
+        lay.addWidget(self.variation_label)
         lay.addWidget(self.table, 1)
 
         settings = load_settings()
@@ -388,6 +398,7 @@ class PredictWidget(QWidget):
         self._watch_cells(cells)
         self._apply_colors()
         self._show_probs(res)
+        self._show_variation(res)
         self.status.setText(f"{res.image_id}: {len(res.table)} cells, {len(res.cams)} CAM layers")
         self.check_stale()
         self.predicted.emit(res.image_id)
@@ -514,6 +525,9 @@ class PredictWidget(QWidget):
                                              + ("" if kw["visible"] else " (hidden)") for _, kw, _ in res.cams)
                                  + "<br>table p = fused (image × cell) probability of the top class</small>")
 
+    def _show_variation(self, res: PredictResult) -> None:
+        self.variation_label.setText(variation_text(res.variation))
+
     def _apply_colors(self, *_: Any) -> None:
         cells = self.table.layer
         if cells is None or self.result is None:
@@ -525,3 +539,15 @@ class PredictWidget(QWidget):
 
             cells.colormap = label_colormap(max(int(np.max(cells.data)) + 1, 50), seed=0.5)
 
+
+def variation_text(variation) -> str:
+    """The Predict widget's variation line: one entry per predicted class (HTML, no Qt)."""
+    if variation is None or len(variation) == 0:
+        return ""
+    parts = []
+    for _, r in variation.iterrows():
+        cv = "" if not np.isfinite(r["intensity_cv"]) else f", CV {r['intensity_cv']:.2f}"
+        flag = " <b>variable</b>" if r["variable"] else ""
+        parts.append(f"{r['class']} {int(r['n_expressing'])}/{int(r['n_cells'])} cells "
+                     f"({r['share_expressing']:.0%}){cv}{flag}")
+    return "<b>Variation:</b> " + "; ".join(parts)
