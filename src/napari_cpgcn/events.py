@@ -7,11 +7,11 @@ the generator checks a ``should_stop`` callable between batches.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-__all__ = ["EventKind", "Event", "ShouldStop"]
+__all__ = ["EventKind", "Event", "ShouldStop", "relay"]
 
 
 class EventKind(str, Enum):
@@ -52,3 +52,25 @@ class Event:
 #: Polled between batches / images; e.g. ``threading.Event().is_set`` set from the GUI thread.
 ShouldStop = Callable[[], bool]
 
+
+
+def relay(events: Iterable[Event], stage: str | None = None) -> Generator[Event, None, tuple[bool, object]]:
+    """Pass a sub-step's events on (``yield from``) and return ``(stopped, result)``.
+
+    The sub-step's ``DONE`` is not passed on: its ``result`` is returned. A ``STOPPED`` event is
+    passed on and ends the relay with ``stopped=True`` (the caller then returns too). ``stage``,
+    when given, is written into every relayed event::
+
+        stopped, cache = yield from relay(build_crop_cache(...))
+        if stopped:
+            return
+    """
+    for ev in events:
+        if stage is not None:
+            ev.stage = stage
+        if ev.kind == EventKind.DONE:
+            return False, ev.result
+        yield ev
+        if ev.kind == EventKind.STOPPED:
+            return True, None
+    return False, None

@@ -13,15 +13,7 @@ import logging
 from pathlib import Path
 
 from napari_cpgcn.cli import EXIT_INTERRUPTED, UsageError
-from napari_cpgcn.cli._training import (
-    TrainingBars,
-    add_training_arguments,
-    base_config,
-    imagenet_weights,
-    init_from,
-    run_training,
-    start_training_run,
-)
+from napari_cpgcn.cli import _training as training
 from napari_cpgcn.pipeline.config import FUSIONS, PRESETS
 
 log = logging.getLogger("napari_cpgcn.cli.train")
@@ -39,7 +31,7 @@ stages and resumes an interrupted one.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_training_arguments(
+    training.add_training_arguments(
         p,
         out="run folder (created; resumed when it exists)",
         config="a pipeline config JSON (as RUN_DIR/config.json); options win",
@@ -104,7 +96,7 @@ def build_config(args: argparse.Namespace):
     from napari_cpgcn.training.config import ConfigError
 
     try:
-        cfg = base_config(args, PipelineConfig.load, lambda: PipelineConfig.preset(args.preset or "paper"),
+        cfg = training.base_config(args, PipelineConfig.load, lambda: PipelineConfig.preset(args.preset or "paper"),
                           resume=args.preset is None)
         img, ref, cell = {}, {}, {}
         if args.backbone:
@@ -130,7 +122,7 @@ def build_config(args: argparse.Namespace):
         if args.cell_mode:
             cell["mode"] = args.cell_mode
         if args.imagenet_weights is not None:
-            img["imagenet_weights"] = cell["imagenet_weights"] = imagenet_weights(args.imagenet_weights)
+            img["imagenet_weights"] = cell["imagenet_weights"] = training.imagenet_weights(args.imagenet_weights)
         for name in ("device", "seed"):
             v = getattr(args, name)
             if v is not None:
@@ -147,7 +139,7 @@ def build_config(args: argparse.Namespace):
             changes["pseudo"] = dataclasses.replace(cfg.pseudo, threshold=args.pseudo_threshold)
         cfg = dataclasses.replace(cfg, **changes)
         if args.init_from is not None:
-            cfg = cfg.starting_from(init_from(args.init_from))
+            cfg = cfg.starting_from(training.init_from(args.init_from))
         if args.fusion:
             cfg = dataclasses.replace(cfg, fusion=args.fusion)
         if args.pretrain or args.pretrain_epochs or args.pretrain_views:
@@ -165,7 +157,7 @@ def build_config(args: argparse.Namespace):
         raise UsageError(str(e)) from e
 
 
-class _Bars(TrainingBars):
+class _Bars(training.TrainingBars):
     """Per-stage tqdm bars driven by pipeline events."""
 
     def handle(self, ev) -> int | None:
@@ -216,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and not (Path(args.out) / "config.json").is_file():
         raise UsageError(f"--resume: {args.out} holds no run to resume (no config.json); leave --resume out to "
                          "start a new run there")
-    data_dir, labels, out, config = start_training_run(args, build_config, "train.log")
+    data_dir, labels, out, config = training.start_training_run(args, build_config, "train.log")
     from napari_cpgcn.pipeline import RunSettingsChanged, check_settings, train_pipeline
 
     if not args.overwrite:
@@ -225,6 +217,6 @@ def run(args: argparse.Namespace) -> int:
         except RunSettingsChanged as e:
             raise UsageError(str(e)) from e
     events = train_pipeline(data_dir, labels, out, config, overwrite=args.overwrite)
-    return run_training(events, _Bars(args.quiet, out), logger=log,
+    return training.run_training(events, _Bars(args.quiet, out), logger=log,
                         interrupted="interrupted; finished stages and the last finished epoch are kept; rerun "
                                     "the same command to resume")

@@ -6,15 +6,7 @@ import argparse
 import logging
 
 from napari_cpgcn.cli import EXIT_INTERRUPTED, UsageError
-from napari_cpgcn.cli._training import (
-    TrainingBars,
-    add_training_arguments,
-    base_config,
-    imagenet_weights,
-    init_from,
-    run_training,
-    start_training_run,
-)
+from napari_cpgcn.cli import _training as training
 
 log = logging.getLogger("napari_cpgcn.cli.train_image")
 
@@ -30,7 +22,7 @@ resumes from latest.pt.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_training_arguments(
+    training.add_training_arguments(
         p,
         out="run folder (created; resumed if it holds latest.pt)",
         config="an ImageModelConfig JSON; command-line options given explicitly win",
@@ -65,21 +57,21 @@ def build_config(args: argparse.Namespace):
     from napari_cpgcn.training.config import ConfigError, ImageModelConfig
 
     try:
-        base = base_config(args, ImageModelConfig.load, ImageModelConfig, resume=args.resume)
+        base = training.base_config(args, ImageModelConfig.load, ImageModelConfig, resume=args.resume)
         changes = dict(backbone=args.backbone, variant=args.variant, epochs=args.epochs,
                        batch_size=args.batch_size, image_size=args.image_size, lr=args.lr, device=args.device,
                        seed=args.seed, val_fraction=args.val_fraction, num_workers=args.workers)
         changes = {k: v for k, v in changes.items() if v is not None}
         if args.imagenet_weights is not None:
-            changes["imagenet_weights"] = imagenet_weights(args.imagenet_weights)
+            changes["imagenet_weights"] = training.imagenet_weights(args.imagenet_weights)
         if args.init_from is not None:
-            changes["init_from"] = init_from(args.init_from)
+            changes["init_from"] = training.init_from(args.init_from)
         return base.replace(**changes)
     except (ConfigError, TypeError) as e:
         raise UsageError(str(e)) from e
 
 
-class _EpochBars(TrainingBars):
+class _EpochBars(training.TrainingBars):
     """One tqdm bar per epoch and a log line per finished epoch."""
 
     def handle(self, ev) -> int | None:
@@ -112,10 +104,10 @@ class _EpochBars(TrainingBars):
 
 
 def run(args: argparse.Namespace) -> int:
-    data_dir, labels, out, config = start_training_run(args, build_config, "train-image.log")
+    data_dir, labels, out, config = training.start_training_run(args, build_config, "train-image.log")
     from napari_cpgcn.training.image_trainer import train_image_model
 
-    return run_training(train_image_model(data_dir, labels, out, config, resume=args.resume),
+    return training.run_training(train_image_model(data_dir, labels, out, config, resume=args.resume),
                         _EpochBars(args.quiet, out), logger=log,
                         interrupted=f"interrupted; {out / 'latest.pt'} keeps the last finished epoch, rerun the "
                                     "same command to resume")

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from napari_cpgcn.events import Event, EventKind, ShouldStop
+from napari_cpgcn.events import Event, EventKind, ShouldStop, relay
 
 __all__ = ["FinetuneOptions", "finetune", "run_finetune", "corrected_cells", "prediction_images_dir"]
 
@@ -203,16 +203,11 @@ def finetune(run_dir: str | Path, pred_dir: str | Path, out_dir: str | Path, opt
     out.mkdir(parents=True, exist_ok=True)
     _link_tree(run, out, skip={"cell_model", "finetune.json"})
     cm = out / "cell_model"
-    ccache = None
-    for ev in build_crop_cache(images, pred / "masks", cells, cm / "corrections_crops", size=config.crop_size,
-                               zero_background=config.zero_background, pad=config.crop_pad,
-                               should_stop=should_stop, stage=STAGE):
-        if ev.kind == EventKind.DONE:
-            ccache = ev.result
-            break
-        yield ev
-        if ev.kind == EventKind.STOPPED:
-            return
+    stopped, ccache = yield from relay(build_crop_cache(
+        images, pred / "masks", cells, cm / "corrections_crops", size=config.crop_size,
+        zero_background=config.zero_background, pad=config.crop_pad, should_stop=should_stop, stage=STAGE))
+    if stopped:
+        return
     assert ccache is not None
 
     lr = float(opts.lr) if opts.lr else float(config.lr) / 3.0
@@ -240,13 +235,10 @@ def finetune(run_dir: str | Path, pred_dir: str | Path, out_dir: str | Path, opt
 
     train_ds.base.set_epoch(0)
     model.train()
-    for ev in fit(model, train_loader, val_loader, config, cm, should_stop, meta=_meta(config),
-                  epoch_hook=epoch_hook, resume=False, stage=STAGE, device=dev):
-        if ev.kind == EventKind.DONE:
-            break
-        yield ev
-        if ev.kind == EventKind.STOPPED:
-            return
+    stopped, _ = yield from relay(fit(model, train_loader, val_loader, config, cm, should_stop, meta=_meta(config),
+                                      epoch_hook=epoch_hook, resume=False, stage=STAGE, device=dev))
+    if stopped:
+        return
     # best.pt follows the validation loss of the pseudo-labelled cells, which the corrections are
     # meant to move away from; the fine-tuned model is the last epoch's.
     from napari_cpgcn.io.atomic import atomic_write, atomic_write_text

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from napari_cpgcn.classes import N_CLASSES, SHORT_NAMES
-from napari_cpgcn.events import Event, EventKind, ShouldStop
+from napari_cpgcn.events import Event, EventKind, ShouldStop, relay
 from napari_cpgcn.training.config import ConfigError, TrainConfig, check_channel_stats, check_choice
 
 __all__ = [
@@ -254,16 +254,11 @@ def train_cell_model(
     ddp.init_distributed(resolve_device(config.device))
     if not ddp.is_main_process():
         ddp.barrier()
-    cache = None
-    for ev in build_crop_cache(images_dir, masks_dir, cells, run_dir / "crops", size=config.crop_size,
-                               zero_background=config.zero_background, pad=config.crop_pad,
-                               should_stop=should_stop, stage=stage):
-        if ev.kind == EventKind.DONE:
-            cache = ev.result
-            break
-        yield ev
-        if ev.kind == EventKind.STOPPED:
-            return
+    stopped, cache = yield from relay(build_crop_cache(
+        images_dir, masks_dir, cells, run_dir / "crops", size=config.crop_size,
+        zero_background=config.zero_background, pad=config.crop_pad, should_stop=should_stop, stage=stage))
+    if stopped:
+        return
     if ddp.is_main_process():
         ddp.barrier()
     assert cache is not None

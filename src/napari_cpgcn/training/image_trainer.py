@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from napari_cpgcn.events import Event, EventKind, ShouldStop
+from napari_cpgcn.events import Event, EventKind, ShouldStop, relay
 from napari_cpgcn.io.atomic import atomic_write_text, check_writable
 from napari_cpgcn.io.hpa import image_index
 from napari_cpgcn.io.tables import LabelTable, read_labels_csv
@@ -179,14 +179,11 @@ def train_image_model(
     skipped = unusable_images(table, index, labels_csv)
     usable = table.subset([i for i in table.ids if i not in skipped])
     check = HPAImageDataset(index.folder, usable, config.image_size, cache_dir=cache_dir, index=index)
-    for ev in check_images(check, workers=max(2, config.num_workers), should_stop=should_stop):
-        ev.stage = stage
-        if ev.kind == EventKind.DONE:
-            skipped.update(ev.result)
-            break
-        yield ev
-        if ev.kind == EventKind.STOPPED:
-            return
+    stopped, unreadable = yield from relay(check_images(check, workers=max(2, config.num_workers),
+                                                        should_stop=should_stop), stage=stage)
+    if stopped:
+        return
+    skipped.update(unreadable or {})
     write_skipped_images(run_dir / SKIPPED_IMAGES, skipped)
     if skipped:
         eg = next(iter(skipped.items()))

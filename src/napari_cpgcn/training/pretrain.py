@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_cpgcn.events import Event, EventKind, ShouldStop
+from napari_cpgcn.events import Event, EventKind, ShouldStop, relay
 from napari_cpgcn.io.atomic import atomic_save_npy
 from napari_cpgcn.training.config import ConfigError, TrainConfig, check_channel_stats, check_choice
 
@@ -635,13 +635,9 @@ def pretrain_backbone(
 
     crops = None
     if config.views in ("cells", "both"):
-        for ev in _cell_crops(index, ids, out / "cells", config, should_stop):
-            if ev.kind == EventKind.DONE:
-                crops = ev.result
-                break
-            yield ev
-            if ev.kind == EventKind.STOPPED:
-                return
+        stopped, crops = yield from relay(_cell_crops(index, ids, out / "cells", config, should_stop))
+        if stopped:
+            return
         if crops is None or len(crops) == 0:
             if config.views == "cells":
                 raise ValueError(f"the segmentation found no cells in the images of {index.folder}; "

@@ -271,6 +271,22 @@ def cells_layer_of(viewer, image_id: str | None = None):
     return candidates[-1] if candidates else None
 
 
+def relink_cells_layer(viewer, old, on_selected):
+    """Follow the viewer's current ``cells`` layer: ``(layer, changed)``; when it is another layer
+    than ``old``, ``on_selected`` is moved from ``old``'s ``selected_label`` event to the new one's."""
+    layer = cells_layer_of(viewer)
+    if layer is old:
+        return layer, False
+    if old is not None:
+        try:
+            old.events.selected_label.disconnect(on_selected)
+        except Exception:  # noqa: BLE001 - the layer is gone or was never connected
+            pass
+    if layer is not None:
+        layer.events.selected_label.connect(on_selected)
+    return layer, True
+
+
 def batched(viewer):
     """A context in which napari updates its scene graph once, at the end (``LayerList.batched_update``).
 

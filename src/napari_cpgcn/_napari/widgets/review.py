@@ -34,10 +34,10 @@ from qtpy.QtWidgets import (
 
 from napari_cpgcn._napari.widgets.common import (
     PathEdit,
-    cells_layer_of,
     error_text,
     notify_error,
     notify_info,
+    relink_cells_layer,
     start_worker,
 )
 from napari_cpgcn.classes import CLASSES, N_CLASSES, NEGATIVE, SHORT_NAMES
@@ -151,17 +151,11 @@ class ReviewWidget(QWidget):
         return str(feats["image_id"].iloc[0]) if "image_id" in feats and len(feats) else None
 
     def _bind_layer(self, event=None) -> None:
-        layer = cells_layer_of(self.viewer)
-        if layer is self.layer:
+        layer, changed = relink_cells_layer(self.viewer, self.layer, self._label_selected)
+        if not changed:
             return
-        if self.layer is not None:
-            try:
-                self.layer.events.selected_label.disconnect(self._label_selected)
-            except Exception:  # noqa: BLE001 - the layer is gone
-                pass
         self.layer = layer
         if layer is not None:
-            layer.events.selected_label.connect(self._label_selected)
             self._bind_keys(layer)
             self._refresh_suggestions()
             self._draw_corrected()

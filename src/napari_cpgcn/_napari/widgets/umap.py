@@ -29,9 +29,9 @@ from qtpy.QtWidgets import (
 )
 
 from napari_cpgcn._napari.widgets.common import (
-    cells_layer_of,
     current_image,
     notify_error,
+    relink_cells_layer,
     start_worker,
 )
 from napari_cpgcn.profiles import view
@@ -233,17 +233,7 @@ class UMAPWidget(QWidget):
     # ------------------------------------------------------------------ the cells layer
 
     def _relink(self, *_: Any) -> None:
-        layer = cells_layer_of(self.viewer)
-        if layer is self.layer:
-            return
-        if self.layer is not None:
-            try:
-                self.layer.events.selected_label.disconnect(self._label_selected)
-            except Exception:  # noqa: BLE001 - already disconnected
-                pass
-        self.layer = layer
-        if layer is not None:
-            layer.events.selected_label.connect(self._label_selected)
+        self.layer, _ = relink_cells_layer(self.viewer, self.layer, self._label_selected)
 
     def _label_selected(self, *_: Any) -> None:
         """The cell chosen in the canvas (the layer's ``selected_label``) gets a ring in the plot."""
