@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLineEdit, QPushButton, QWidget
+from qtpy.QtWidgets import QHBoxLayout, QWidget
 
 from napari_cpgcn._napari.layers import roles
 from napari_cpgcn.classes import CHANNELS
@@ -202,32 +202,33 @@ RUNS = RunRegistry()
 # --------------------------------------------------------------------------- small widgets
 
 class PathEdit(QWidget):
-    """A line edit with a "…" button opening a file or folder dialog."""
+    """A path field: magicgui's :class:`~magicgui.widgets.FileEdit` (a line edit and a "…"
+    button opening the file or folder dialog), with an empty text meaning "not set" (FileEdit
+    alone reads an empty field as the current folder) and ``edit.editingFinished`` emitted after
+    a choice in the dialog as after typing."""
+
+    #: Our modes -> magicgui's FileDialogMode values.
+    MODES = {"dir": "d", "file": "r", "save": "w"}
 
     def __init__(self, mode: str = "dir", placeholder: str = "", filter: str = "", parent=None):
+        from magicgui.widgets import FileEdit
+
         super().__init__(parent)
+        if mode not in self.MODES:
+            raise ValueError(f"PathEdit mode must be one of {', '.join(self.MODES)}, got {mode!r}")
         self.mode, self.filter = mode, filter
-        self.edit = QLineEdit()
+        self.file_edit = FileEdit(mode=self.MODES[mode], filter=filter or None)
+        self.file_edit.choose_btn.text = "…"
+        self.edit = self.file_edit.line_edit.native  # the QLineEdit
+        self.edit.setText("")
         self.edit.setPlaceholderText(placeholder)
-        self.button = QPushButton("…")
+        self.button = self.file_edit.choose_btn.native
         self.button.setMaximumWidth(30)
-        self.button.clicked.connect(self._browse)
+        # connected after FileEdit's own handler: runs once the dialog has set the path
+        self.file_edit.choose_btn.changed.connect(lambda *_: self.edit.editingFinished.emit())
         lay = QHBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
-        lay.addWidget(self.edit)
-        lay.addWidget(self.button)
-
-    def _browse(self) -> None:
-        start = self.text() or str(Path.home())
-        if self.mode == "dir":
-            path = QFileDialog.getExistingDirectory(self, "Choose a folder", start)
-        elif self.mode == "save":
-            path, _ = QFileDialog.getSaveFileName(self, "Save as", start, self.filter)
-        else:
-            path, _ = QFileDialog.getOpenFileName(self, "Choose a file", start, self.filter)
-        if path:
-            self.setText(path)
-            self.edit.editingFinished.emit()
+        lay.addWidget(self.file_edit.native)
 
     def text(self) -> str:
         return self.edit.text().strip()
