@@ -29,7 +29,8 @@ import napari_cpgcn
 for gui in ("napari", "PyQt6", "PyQt5", "PySide6", "PySide2", "dask", "cellpose"):
     assert importlib.util.find_spec(gui) is None, f"{gui} is installed in the core-only venv"
 mods = [m.name for m in pkgutil.walk_packages(napari_cpgcn.__path__, "napari_cpgcn.")
-        if not m.name.startswith("napari_cpgcn._napari") and m.name != "napari_cpgcn.batch.dask"]
+        if not m.name.startswith("napari_cpgcn._napari") and m.name != "napari_cpgcn.batch.dask"
+        and not m.name.endswith("__main__")]  # `python -m` entry points run the CLI
 for m in mods:
     importlib.import_module(m)
 print(f"[core] imported {len(mods)} core modules; no Qt binding: {'PyQt6' not in sys.modules}")
