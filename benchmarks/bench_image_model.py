@@ -101,7 +101,7 @@ def worker(args: argparse.Namespace) -> None:
     from napari_cpgcn.pipeline.inference import predict_images
     from napari_cpgcn.training.checkpoint import load_image_model
     from napari_cpgcn.training.config import ImageModelConfig
-    from napari_cpgcn.training.datasets import ImageIndex
+    from napari_cpgcn.io.hpa import image_index
     from napari_cpgcn.training.image_trainer import train_image_model
 
     train_dir, test_dir = Path(args.train_dir), Path(args.test_dir)
@@ -127,12 +127,17 @@ def worker(args: argparse.Namespace) -> None:
         cache_dir=str(Path(args.work) / "cache" / f"{train_dir.name}_{args.image_size}"),
     )
     secs = []
-    for ev in train_image_model(train_dir, train_dir / "train.csv", run, cfg, resume=False):
-        if ev.kind == EventKind.EPOCH_END:
-            secs.append(ev.metrics["seconds"])
+    history = run / "history.csv"
+    if (run / "latest.pt").is_file() and history.is_file() and \
+            len(history.read_text().splitlines()) == args.epochs + 1:  # trained by an earlier call
+        secs = [float(line.split(",")[-1]) for line in history.read_text().splitlines()[1:]]
+    else:
+        for ev in train_image_model(train_dir, train_dir / "train.csv", run, cfg, resume=False):
+            if ev.kind == EventKind.EPOCH_END:
+                secs.append(ev.metrics["seconds"])
     model, _ = load_image_model(run / "latest.pt", "cpu")
     table = read_labels_csv(test_dir / "train.csv")
-    index = ImageIndex(test_dir)
+    index = image_index(test_dir)
     images = [index.read(i) for i in table.ids]
     t0 = time.perf_counter()
     probs, _ = predict_images(model, images, batch_size=args.batch_size, cam_size=None)
