@@ -97,11 +97,11 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     from napari_cpgcn.evaluation.image import mean_average_precision, per_class_ap
     from napari_cpgcn.events import EventKind
+    from napari_cpgcn.io.hpa import image_index
     from napari_cpgcn.io.tables import read_labels_csv
     from napari_cpgcn.pipeline.inference import predict_images
     from napari_cpgcn.training.checkpoint import load_image_model
     from napari_cpgcn.training.config import ImageModelConfig
-    from napari_cpgcn.io.hpa import image_index
     from napari_cpgcn.training.image_trainer import train_image_model
 
     train_dir, test_dir = Path(args.train_dir), Path(args.test_dir)
