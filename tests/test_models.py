@@ -216,8 +216,14 @@ def test_gcn_learnable_inputs():
 @pytest.mark.parametrize("variant", ["cpgcn", "mlgcn"])
 def test_gcn_residual_classifier_and_param_groups(variant):
     cfg = ImageModelConfig(backbone="resnet18", variant=variant, imagenet_weights=None, gcn_hidden=16)
+    assert cfg.gcn_residual and cfg.gcn_learn_inputs  # the measured default
+    # a config saved before these fields existed keeps the paper's plain classifier
+    saved = cfg.to_dict()
+    del saved["gcn_residual"], saved["gcn_learn_inputs"]
+    old = ImageModelConfig.from_dict(saved)
+    assert not old.gcn_residual and not old.gcn_learn_inputs
     torch.manual_seed(0)
-    plain = build_image_model(cfg, label_matrix=np.eye(N_CLASSES))
+    plain = build_image_model(cfg.replace(gcn_residual=False, gcn_learn_inputs=False), label_matrix=np.eye(N_CLASSES))
     torch.manual_seed(0)
     model = build_image_model(cfg.replace(gcn_residual=True, gcn_learn_inputs=True),
                               label_matrix=np.eye(N_CLASSES))
