@@ -11,7 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from napari_cpgcn.cli import EXIT_INTERRUPTED, UsageError
+from napari_cpgcn.cli import UsageError
 from napari_cpgcn.cli._training import TrainingBars, run_training
 
 log = logging.getLogger("napari_cpgcn.cli.pretrain")
@@ -110,10 +110,6 @@ class _Bars(TrainingBars):
                      m.get("train_loss", float("nan")), m.get("seconds", 0.0))
         elif k == EventKind.LOG:
             log.debug("%s", ev.message)
-        elif k == EventKind.STOPPED:
-            self.close()
-            log.warning("%s", ev.message)
-            return EXIT_INTERRUPTED
         elif k == EventKind.DONE:
             self.close()
             res = ev.result

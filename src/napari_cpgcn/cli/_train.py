@@ -12,7 +12,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from napari_cpgcn.cli import EXIT_INTERRUPTED, UsageError
+from napari_cpgcn.cli import UsageError
 from napari_cpgcn.cli import _training as training
 from napari_cpgcn.pipeline.config import FUSIONS, PRESETS
 
@@ -193,10 +193,6 @@ class _Bars(training.TrainingBars):
         elif k == EventKind.LOG:
             if ev.message:
                 log.debug("%s: %s", ev.stage, ev.message)
-        elif k == EventKind.STOPPED:
-            self.close()
-            log.warning("%s", ev.message)
-            return EXIT_INTERRUPTED
         elif k == EventKind.DONE:
             self.close()
             log.info("done: the trained pipeline is in %s (predict with `napari-cpgcn predict ... --model %s`)",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from napari_cpgcn.cli import EXIT_INTERRUPTED, UsageError
+from napari_cpgcn.cli import UsageError
 from napari_cpgcn.cli import _training as training
 
 log = logging.getLogger("napari_cpgcn.cli.train_image")
@@ -93,9 +93,6 @@ class _EpochBars(training.TrainingBars):
             log.info(txt)
         elif ev.kind == EventKind.LOG:
             log.debug(ev.message)  # the library has logged it already
-        elif ev.kind == EventKind.STOPPED:
-            log.warning(ev.message)
-            return EXIT_INTERRUPTED
         elif ev.kind == EventKind.DONE:
             res = ev.result
             log.info("done: best validation mAP %.4f at epoch %d; checkpoints in %s",

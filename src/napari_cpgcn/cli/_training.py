@@ -149,14 +149,20 @@ class TrainingBars:
 def run_training(events: Iterable, bars: TrainingBars, *, logger: logging.Logger, interrupted: str) -> int:
     """Feed the training events to ``bars``; the exit code of the run.
 
-    The first exit code ``bars.handle`` returns ends the run; a checkpoint that cannot be used
-    is a failure (exit 1), Ctrl-C logs ``interrupted`` (how to resume) and exits 130. The bars
-    are closed in every case.
+    The first exit code ``bars.handle`` returns ends the run; a honoured stop request (a
+    ``STOPPED`` event) logs its message and exits 130, as Ctrl-C does (which logs
+    ``interrupted``, how to resume); a checkpoint that cannot be used is a failure (exit 1). The
+    bars are closed in every case.
     """
+    from napari_cpgcn.events import EventKind
     from napari_cpgcn.training.checkpoint import CheckpointError
 
     try:
         for ev in events:
+            if ev.kind == EventKind.STOPPED:
+                bars.close()
+                logger.warning("%s", ev.message)
+                return EXIT_INTERRUPTED
             code = bars.handle(ev)
             if code is not None:
                 return code
