@@ -271,7 +271,13 @@ def test_stage_keys_of_older_runs_are_stable():
     from napari_cpgcn.pipeline import PipelineConfig
     from napari_cpgcn.pipeline.train import _stage_keys
 
-    assert _stage_keys(PipelineConfig())["image_model"] == "da9d751c9ca7c96c"
+    # the default config.json of a run trained before gcn_residual / gcn_learn_inputs existed
+    # (and became the default): its image-model stage keeps its key
+    saved = PipelineConfig().to_dict()
+    del saved["image"]["gcn_residual"], saved["image"]["gcn_learn_inputs"]
+    assert _stage_keys(PipelineConfig.from_dict(saved))["image_model"] == "da9d751c9ca7c96c"
+    # today's default (the residual classifier) is another model: another key
+    assert _stage_keys(PipelineConfig())["image_model"] != "da9d751c9ca7c96c"
 
 
 def test_starting_from_is_checked_before_training(trained_run, tmp_path):
